@@ -1,0 +1,142 @@
+"""Masked-LM pretraining of the BERT encoder (the first step of the pipeline).
+
+    python mlm_task.py                                  # BERT-base on WikiText-2, CPU or one GPU
+    python mlm_task.py --data-dir DIR --emsize 256 --nhid 1024 --nlayers 4 --nhead 4
+    python mlm_task.py --device cuda --dataset WikiText103 --data-dir DIR
+
+Writes mlm_bert.pt (the encoder and its configuration, which ns_task.py and
+qa_task.py load), full_mlm_model.pt (encoder and MLM head, best on validation),
+the vocabulary (--save-vocab) and the loss log mlm_loss.txt.
+"""
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import utils
+from model import MLMTask, count_parameters
+
+
+def build_parser():
+    p = utils.base_parser("BERT masked-LM pretraining", lr=6.0, clip=0.1, epochs=8, batch_size=32,
+                          log_interval=10, save="mlm_bert.pt")
+    add = p.add_argument
+    add("--emsize", type=int, default=768, help="size of word embeddings")
+    add("--nhid", type=int, default=3072, help="number of hidden units per layer")
+    add("--nlayers", type=int, default=12, help="number of layers")
+    add("--nhead", type=int, default=12, help="the number of heads in the encoder")
+    add("--dropout", type=float, default=0.2, help="dropout applied to layers (0 = no dropout)")
+    add("--mask_frac", type=float, default=0.15, help="the fraction of masked tokens")
+    add("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
+        help="'mask': every masked token becomes <MASK> (the original); "
+             "'bert': 80%% <MASK>, 10%% a random word, 10%% unchanged")
+    add("--dataset", type=str, default="WikiText2", choices=data.DATASETS,
+        help="dataset used for the MLM task")
+    add("--checkpoint", type=str, default="None",
+        help="a full_mlm_model.pt to start from instead of random weights")
+    add("--save-full", type=str, default="full_mlm_model.pt",
+        help="where to keep the best full model (encoder and MLM head)")
+    add("--loss-log", type=str, default="mlm_loss.txt", help="the loss log written at the end")
+    return p
+
+
+def check_args(args):
+    utils.check_positive(args, "emsize", "nhid", "nlayers", "nhead", "epochs", "batch_size",
+                         "bptt", "log_interval", "lr")
+    if args.emsize % args.nhead:
+        raise utils.UserError(f"--nhead {args.nhead} must divide --emsize {args.emsize}")
+    if not 0.0 < args.mask_frac < 1.0:
+        raise utils.UserError(f"--mask_frac must be between 0 and 1, got {args.mask_frac}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise utils.UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.bptt + 1 > 512:
+        raise utils.UserError(f"--bptt {args.bptt} plus <cls> exceeds the model's 512 positions")
+    utils.check_writable(args.save, args.save_full, args.loss_log, args.save_vocab)
+
+
+def prepare_vocab(args, dataset, sources, tokenizer):
+    """Read --save-vocab if it exists (as the original did), else build it from train."""
+    if Path(args.save_vocab).exists():
+        vocab = data.Vocab.load(args.save_vocab)
+        utils.print0(f"| vocabulary: {len(vocab)} tokens read from {args.save_vocab}")
+    else:
+        vocab = data.Vocab.build(data.count_tokens_for_vocab(dataset, sources, tokenizer))
+        utils.atomic_write_text(args.save_vocab, vocab.to_text())
+        utils.print0(f"| vocabulary: {len(vocab)} tokens built from the {dataset} train split, "
+                     f"saved to {args.save_vocab}")
+    return vocab
+
+
+def mlm_loss(mask_frac, mask_mode, vocab_size, generator=None, reduction="mean"):
+    """loss_fn(model, block (N, bptt)) for utils.train_epoch / utils.evaluate."""
+    def loss_fn(model, block):
+        inputs, masked, targets = data.mask_tokens(data.add_cls(block), mask_frac, vocab_size,
+                                                   mask_mode, generator)
+        logits = model(inputs, masked_positions=masked)  # (M, ntoken), M masked positions
+        loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
+        return loss if reduction == "mean" else (loss, targets.numel())
+    return loss_fn
+
+
+def main(args):
+    check_args(args)
+    device = utils.setup(args)
+    tokenizer = data.Tokenizer()
+    utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
+    sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
+    vocab = prepare_vocab(args, args.dataset, sources, tokenizer)
+    cache = args.cache_dir or None
+    blocks = {}
+    for split in data.SPLITS:
+        ids, _ = data.load_split(args.dataset, sources, split, vocab, tokenizer, cache)
+        blocks[split] = data.mlm_blocks(ids, args.batch_size, args.bptt, split).to(device)
+        utils.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
+
+    model = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout)
+    if args.checkpoint != "None":
+        ckpt = utils.load_checkpoint(args.checkpoint, "mlm_task")
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise utils.UserError(f"{args.checkpoint} does not fit a model of these sizes and this "
+                                  "vocabulary; pass the flags it was trained with") from None
+    model.to(device)
+    utils.print0(f"| model: {count_parameters(model):,} parameters")
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
+    train_loss = mlm_loss(args.mask_frac, args.mask_mode, len(vocab))
+
+    def evaluate(split):
+        # The same masks at every evaluation, so valid losses compare across epochs.
+        gen = torch.Generator(device=device).manual_seed(args.seed % 2**63)
+        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), gen, reduction="sum")
+        return utils.evaluate(model, blocks[split], loss_fn, args.dry_run)
+
+    def validate(model):
+        loss = evaluate("valid")
+        return loss, f"valid loss {loss:5.2f} | valid ppl {utils.safe_exp(loss):8.2f}"
+
+    def save_best():
+        utils.save_task(args.save_full, model, "mlm_task", config=model.bert_model.config,
+                        vocab_fingerprint=vocab.fingerprint)
+
+    train_log, val_log = utils.fit(args, model, optimizer, scheduler, lambda epoch: blocks["train"],
+                                   train_loss, validate, save_best)
+
+    model.load_state_dict(utils.load_checkpoint(args.save_full, "mlm_task")["model"])
+    test_loss = evaluate("test")
+    utils.print0(utils.DOUBLE_LINE)
+    utils.print0(f"| End of training | test loss {test_loss:5.2f} | "
+                 f"test ppl {utils.safe_exp(test_loss):8.2f}")
+    utils.print0(utils.DOUBLE_LINE)
+    utils.print_loss_log(args.loss_log, train_log, val_log, test_loss, args)
+    utils.save_encoder(args.save, model.bert_model, vocab.fingerprint,
+                       test_loss=test_loss, test_ppl=math.exp(min(test_loss, 700)))
+    utils.print0(f"| saved the encoder to {args.save}")
+
+
+if __name__ == "__main__":
+    utils.cli(main, build_parser(), errors=(data.DataError,))

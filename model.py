@@ -1,0 +1,236 @@
+"""The BERT encoder and its three task heads.
+
+Used by the task scripts; nothing here knows about files or data sets:
+
+    python mlm_task.py                              # MLMTask
+    python ns_task.py --bert-model mlm_bert.pt      # NextSentenceTask
+    python qa_task.py --bert-model ns_bert.pt       # QuestionAnswerTask
+
+Tensors are batch-first throughout:
+
+    src, token_type_input : (N, S)  token ids / segment ids (0 for A, 1 for B)
+    key_padding_mask      : (N, S)  True where the position is padding
+    encoder output        : (N, S, E)
+
+The layer layout follows the original example: learned positions and two
+token types, post-LayerNorm encoder layers with GELU.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAX_POSITIONS = 512  # learned position table; sequences longer than this are refused
+
+
+def init_weights(module):
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, LayerNorm 1/0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class PositionalEncoding(nn.Module):
+    """Learned absolute positions: (N, S) ids -> (1, S, E), broadcast over the batch."""
+
+    def __init__(self, d_model, max_len=MAX_POSITIONS):
+        super().__init__()
+        self.pos_embedding = nn.Embedding(max_len, d_model)
+
+    def forward(self, x):
+        seq_len = x.size(1)
+        if seq_len > self.pos_embedding.num_embeddings:
+            raise ValueError(f"sequence of {seq_len} tokens is longer than the "
+                             f"{self.pos_embedding.num_embeddings} positions the model has")
+        pos = torch.arange(seq_len, device=x.device)
+        return self.pos_embedding(pos).unsqueeze(0)
+
+
+class TokenTypeEncoding(nn.Module):
+    """Segment embeddings; a missing token_type_input means every token is type 0."""
+
+    def __init__(self, type_token_num, d_model):
+        super().__init__()
+        self.token_type_embeddings = nn.Embedding(type_token_num, d_model)
+
+    def forward(self, seq_input, token_type_input=None):
+        if token_type_input is None:
+            # Type 0 everywhere: row 0 of the table, broadcast to (1, 1, E).
+            return self.token_type_embeddings.weight[0].view(1, 1, -1)
+        return self.token_type_embeddings(token_type_input)
+
+
+class BertEmbedding(nn.Module):
+    """Word + position + token type, then LayerNorm and dropout: (N, S) -> (N, S, E)."""
+
+    def __init__(self, ntoken, ninp, dropout=0.5):
+        super().__init__()
+        self.ninp = ninp
+        self.ntoken = ntoken
+        self.pos_embed = PositionalEncoding(ninp)
+        self.embed = nn.Embedding(ntoken, ninp)
+        self.tok_type_embed = TokenTypeEncoding(2, ninp)  # two sentence types
+        self.norm = nn.LayerNorm(ninp)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src, token_type_input=None):
+        x = self.embed(src) + self.pos_embed(src) + self.tok_type_embed(src, token_type_input)
+        return self.dropout(self.norm(x))
+
+
+class MultiheadAttention(nn.Module):
+    """Self-attention with one fused QKV projection on scaled_dot_product_attention.
+
+    x (N, S, E) -> qkv (N, S, 3E) -> q, k, v each (N, H, S, E/H) -> SDPA -> (N, S, E).
+    key_padding_mask (N, S), True at padding, keeps every query from attending to
+    padded keys. Without a mask SDPA may pick its flash / memory-efficient kernels.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embedding size {embed_dim} is not divisible by "
+                             f"the number of heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x, key_padding_mask=None):
+        n, s, e = x.shape
+        h = self.num_heads
+        q, k, v = self.in_proj(x).view(n, s, 3, h, e // h).permute(2, 0, 3, 1, 4).unbind(0)
+        attn_mask = None
+        if key_padding_mask is not None:
+            # (N, S) True=pad -> (N, 1, 1, S) True=may attend, broadcast over heads and queries.
+            attn_mask = ~key_padding_mask.view(n, 1, 1, s)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(n, s, e))
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-LayerNorm encoder layer: x = LN(x + attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="gelu"):
+        super().__init__()
+        if activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', not {activation!r}")
+        self.mha = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = F.gelu if activation == "gelu" else F.relu
+
+    def forward(self, src, key_padding_mask=None):
+        src = self.norm1(src + self.dropout1(self.mha(src, key_padding_mask)))
+        ff = self.linear2(self.dropout(self.activation(self.linear1(src))))
+        return self.norm2(src + self.dropout2(ff))
+
+
+class BertModel(nn.Module):
+    """Embeddings plus `nlayers` encoder layers: (N, S) ids -> (N, S, ninp)."""
+
+    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5):
+        super().__init__()
+        for name, value in (("ntoken", ntoken), ("ninp", ninp), ("nhead", nhead),
+                            ("nhid", nhid), ("nlayers", nlayers)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.model_type = "Transformer"
+        self.ninp = ninp
+        # Everything needed to rebuild this encoder from a checkpoint.
+        self.config = dict(ntoken=ntoken, ninp=ninp, nhead=nhead, nhid=nhid,
+                           nlayers=nlayers, dropout=dropout)
+        self.bert_embed = BertEmbedding(ntoken, ninp, dropout)
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(ninp, nhead, nhid, dropout) for _ in range(nlayers))
+        self.apply(init_weights)
+
+    def forward(self, src, token_type_input=None, key_padding_mask=None):
+        x = self.bert_embed(src, token_type_input)
+        if key_padding_mask is not None and not key_padding_mask.any():
+            key_padding_mask = None  # nothing to hide: keep SDPA's fastest kernels
+        for layer in self.layers:
+            x = layer(x, key_padding_mask)
+        return x
+
+
+class MLMTask(nn.Module):
+    """Encoder plus the masked-LM head (dense, GELU, LayerNorm, vocabulary projection).
+
+    forward(src) -> (N, S, ntoken) logits at every position, or, given
+    masked_positions (N, S) bool, -> (M, ntoken) logits at the M masked positions
+    only, in row-major order (the same order as src[masked_positions]).
+    """
+
+    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5):
+        super().__init__()
+        self.bert_model = BertModel(ntoken, ninp, nhead, nhid, nlayers, dropout)
+        self.mlm_span = nn.Linear(ninp, ninp)
+        self.activation = F.gelu
+        self.norm_layer = nn.LayerNorm(ninp, eps=1e-12)
+        self.mlm_head = nn.Linear(ninp, ntoken)
+        for head in (self.mlm_span, self.norm_layer, self.mlm_head):
+            head.apply(init_weights)
+
+    def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None):
+        out = self.bert_model(src, token_type_input, key_padding_mask)
+        if masked_positions is not None:
+            out = out[masked_positions]  # (M, E): the vocabulary projection is the costly part
+        return self.mlm_head(self.norm_layer(self.activation(self.mlm_span(out))))
+
+
+class NextSentenceTask(nn.Module):
+    """Pretrained encoder plus a tanh pooler on <cls> and a 2-way classifier: -> (N, 2)."""
+
+    def __init__(self, bert_model):
+        super().__init__()
+        self.bert_model = bert_model
+        self.linear_layer = nn.Linear(bert_model.ninp, bert_model.ninp)
+        self.ns_span = nn.Linear(bert_model.ninp, 2)
+        self.activation = nn.Tanh()
+        for head in (self.linear_layer, self.ns_span):  # the encoder keeps its weights
+            head.apply(init_weights)
+
+    def forward(self, src, token_type_input=None, key_padding_mask=None):
+        out = self.bert_model(src, token_type_input, key_padding_mask)
+        return self.ns_span(self.activation(self.linear_layer(out[:, 0])))
+
+
+class QuestionAnswerTask(nn.Module):
+    """Pretrained encoder plus a span head: -> start and end logits, each (N, S)."""
+
+    def __init__(self, bert_model):
+        super().__init__()
+        self.bert_model = bert_model
+        self.activation = F.gelu
+        self.qa_span = nn.Linear(bert_model.ninp, 2)
+        self.qa_span.apply(init_weights)
+
+    def forward(self, src, token_type_input=None, key_padding_mask=None):
+        out = self.bert_model(src, token_type_input, key_padding_mask)
+        start, end = self.qa_span(self.activation(out)).unbind(-1)
+        return start, end
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(config, seq_len, masked_frac=1.0):
+    """Approximate training FLOPs per token (forward + backward = 3x forward matmuls)."""
+    e, f, n, v = config["ninp"], config["nhid"], config["nlayers"], config["ntoken"]
+    per_layer = 2 * (4 * e * e + 2 * e * f) + 2 * 2 * seq_len * e  # projections + attention
+    head = 2 * (e * e + e * v) * masked_frac
+    return 3 * (n * per_layer + head)

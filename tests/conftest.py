@@ -1,0 +1,46 @@
+"""Shared helpers: tiny corpora in the real formats, and running the scripts."""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("the cat sat on a mat . the dog ran fast , and a big red house @-@ tree "
+         "stood near the river ( it was 1 @,@ 200 m long ) ; = = history = =").split()
+
+
+def write_wikitext(folder, lines_per_split=(300, 40, 40), seed=0):
+    """wiki.{train,valid,test}.tokens in WikiText's layout (' word word \\n', blank lines)."""
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "valid", "test"), lines_per_split):
+        with open(folder / f"wiki.{split}.tokens", "w", encoding="utf-8") as f:
+            for _ in range(n):
+                k = rng.choice([0, 5, 20, 40])
+                f.write(" " + " ".join(rng.choice(WORDS) for _ in range(k)) + " \n")
+    return folder
+
+
+TINY = ["--emsize", "32", "--nhid", "64", "--nlayers", "2", "--nhead", "2",
+        "--batch_size", "4", "--bptt", "16", "--log-interval", "10", "--cache-dir", ""]
+
+
+def run_script(script, *args, cwd, check=True, timeout=300):
+    """Run one of the task scripts as a user would; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def wikitext(tmp_path):
+    return write_wikitext(tmp_path / "wikitext")

@@ -1,0 +1,227 @@
+import gzip
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import write_wikitext
+
+
+# ----------------------------------------------------------------- tokenizer and vocabulary
+
+@pytest.mark.parametrize("text, tokens", [
+    ("Hello, World!", ["hello", ",", "world", "!"]),
+    ('He said "no"; then: left.', ["he", "said", "no", "then", "left", "."]),
+    ("It's 1 @,@ 200 m (long)?", ["it", "'", "s", "1", "@", ",", "@", "200", "m", "(", "long", ")", "?"]),
+    ("a<br />b", ["a", "b"]),
+    ("Über  Straße\tÉcole", ["über", "straße", "école"]),
+])
+def test_basic_english(text, tokens):
+    assert data.basic_english(text) == tokens
+    assert data.Tokenizer()(text) == tokens
+
+
+@pytest.mark.parametrize("text", [
+    'The "Eiffel" Tower, built in 1889; is 330 m tall.',
+    "say \"a\"b c's: İstanbul and ΟΔΟΣ go",
+    "repeated word word word . . .",
+])
+def test_spans_recover_each_token(text):
+    tokens, spans = data.Tokenizer().tokenize_with_spans(text)
+    assert len(tokens) == len(spans)
+    last = 0
+    for tok, (s, e) in zip(tokens, spans):
+        assert s >= last
+        assert text[s:e].lower().replace('"', "") == tok
+        last = e
+
+
+def test_vocab_order_and_round_trip(tmp_path):
+    vocab = data.Vocab.build([["b", "a", "c", "a"], ["c", "d", "<unk>"]])
+    assert vocab.itos == data.SPECIALS + ["a", "c", "b", "d"]
+    assert vocab["a"] == 5 and vocab["never-seen"] == data.UNK and vocab["<cls>"] == data.CLS
+    path = tmp_path / "vocab.txt"
+    path.write_text(vocab.to_text())
+    loaded = data.Vocab.load(path)
+    assert loaded.itos == vocab.itos and loaded.fingerprint == vocab.fingerprint
+    assert path.read_text().splitlines()[:3] == [data.VOCAB_HEADER, "<unk>", "<pad>"]
+
+
+@pytest.mark.parametrize("content", [
+    "not a vocabulary\n", data.VOCAB_HEADER + "\n", data.VOCAB_HEADER + "\n<unk>\n<pad>\n",
+    data.VOCAB_HEADER + "\n" + "\n".join(data.SPECIALS + ["a", "a"]) + "\n",
+    data.VOCAB_HEADER + "\n" + "\n".join(data.SPECIALS + ["", "b"]) + "\n",
+])
+def test_corrupt_vocab_is_refused(tmp_path, content):
+    path = tmp_path / "vocab.txt"
+    path.write_text(content)
+    with pytest.raises(data.DataError, match=str(path)):
+        data.Vocab.load(path)
+
+
+def test_binary_vocab_is_refused(tmp_path):
+    path = tmp_path / "vocab.pt"
+    torch.save({"a": 1}, path)
+    with pytest.raises(data.DataError):
+        data.Vocab.load(path)
+
+
+# ----------------------------------------------------------------- readers
+
+def test_wikitext_folder_gz_and_zip(tmp_path):
+    src = write_wikitext(tmp_path / "plain")
+    assert data.wikitext_files("WikiText2", src)["train"] == src / "wiki.train.tokens"
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for s in data.SPLITS:
+        with open(src / f"wiki.{s}.tokens", "rb") as f, gzip.open(gz / f"wiki.{s}.tokens.gz", "wb") as g:
+            g.write(f.read())
+    files = data.wikitext_files("WikiText2", gz)
+    assert list(data.read_lines([files["valid"]])) == list(data.read_lines([src / "wiki.valid.tokens"]))
+    z = tmp_path / "zipped"
+    z.mkdir()
+    with zipfile.ZipFile(z / "wikitext-2-v1.zip", "w") as zf:
+        for s in data.SPLITS:
+            zf.write(src / f"wiki.{s}.tokens", f"wikitext-2/wiki.{s}.tokens")
+    files = data.wikitext_files("WikiText2", z, allow_download=False)
+    assert files["test"] == z / "wikitext-2" / "wiki.test.tokens"
+
+
+def test_missing_files_offline_give_one_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="wiki.train.tokens.*wikitext-2-v1.zip"):
+        data.wikitext_files("WikiText2", tmp_path, allow_download=False)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.dataset_dir("WikiText2", tmp_path / "nope")
+
+
+def test_download_checks_md5_and_keeps_the_file(tmp_path, monkeypatch):
+    src = write_wikitext(tmp_path / "src")
+    zpath = tmp_path / "served.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for s in data.SPLITS:
+            zf.write(src / f"wiki.{s}.tokens", f"wikitext-2/wiki.{s}.tokens")
+    md5 = hashlib.md5(zpath.read_bytes()).hexdigest()
+    target = tmp_path / "dl"
+    target.mkdir()
+    monkeypatch.setitem(data.SOURCES, "WikiText2",
+                        dict(data.SOURCES["WikiText2"], url=zpath.as_uri(), md5="0" * 32))
+    with pytest.raises(data.DataError, match="MD5"):
+        data.wikitext_files("WikiText2", target)
+    assert not (target / "wikitext-2-v1.zip").exists()
+    monkeypatch.setitem(data.SOURCES, "WikiText2", dict(data.SOURCES["WikiText2"], md5=md5))
+    files = data.wikitext_files("WikiText2", target)
+    assert (target / "wikitext-2-v1.zip").is_file() and files["train"].is_file()
+    monkeypatch.setitem(data.SOURCES, "WikiText2",
+                        dict(data.SOURCES["WikiText2"], url=(tmp_path / "absent.zip").as_uri()))
+    with pytest.raises(data.DataError, match="could not download"):
+        data.wikitext_files("WikiText2", tmp_path / "src" / "..")
+
+
+def test_zip_with_escaping_member_is_refused(tmp_path):
+    bad = tmp_path / "wikitext-2-v1.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("../evil.txt", "x")
+    with pytest.raises(data.DataError, match="outside"):
+        data.wikitext_files("WikiText2", tmp_path, allow_download=False)
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_truncated_zip_is_refused(tmp_path):
+    (tmp_path / "wikitext-2-v1.zip").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(data.DataError, match="not a readable zip"):
+        data.wikitext_files("WikiText2", tmp_path, allow_download=False)
+
+
+def test_book_folder_split_by_lines(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "one.txt").write_text("".join(f"line {i}\n" for i in range(50)))
+    (tmp_path / "b" / "two.txt").write_text("".join(f"more {i}\n" for i in range(50)))
+    sources = data.corpus_sources("BookCorpus", tmp_path / "b")
+    tok = data.Tokenizer()
+    vocab = data.Vocab.build(data.count_tokens_for_vocab("BookCorpus", sources, tok))
+    sizes = {s: data.load_split("BookCorpus", sources, s, vocab, tok)[1] for s in data.SPLITS}
+    assert [len(o) - 1 for o in sizes.values()] == [80, 10, 10]
+    assert "more" not in vocab.stoi or vocab.stoi  # train = first 80 lines: has 'more 0..29'
+    assert vocab["49"] != data.UNK and vocab["95"] == data.UNK  # lines 90+ are test only
+
+
+def test_enwik9_filter(tmp_path):
+    xml = tmp_path / "enwik9"
+    xml.write_text('<page><title>X</title>\n<text xml:space="preserve">The [[Cat|cats]] ate 42 '
+                   '{{cite}} fish&amp;chips.\nSecond line.</text>\n</page>\n<text>#REDIRECT [[Y]]</text>\n')
+    assert list(data.enwik9_filter(xml)) == ["the cats ate four two fish chips\n", "second line\n"]
+
+
+def test_token_ids_are_cached(tmp_path, wikitext, monkeypatch):
+    sources = data.corpus_sources("WikiText2", wikitext)
+    tok = data.Tokenizer()
+    vocab = data.Vocab.build(data.count_tokens_for_vocab("WikiText2", sources, tok))
+    ids, offsets = data.load_split("WikiText2", sources, "valid", vocab, tok, tmp_path / "cache")
+    lines = list(data.read_lines([wikitext / "wiki.valid.tokens"]))
+    assert len(offsets) == len(lines) + 1
+    assert ids[offsets[3]:offsets[4]].tolist() == vocab.lookup_indices(tok(lines[3]))
+    monkeypatch.setattr(data.Tokenizer, "__call__", lambda self, t: 1 / 0)
+    again, _ = data.load_split("WikiText2", sources, "valid", vocab, tok, tmp_path / "cache")
+    assert torch.equal(ids, again)
+
+
+# ----------------------------------------------------------------- batches and masking
+
+def test_mlm_blocks_are_contiguous():
+    ids = torch.arange(100)
+    blocks = data.mlm_blocks(ids, batch_size=3, bptt=4)
+    assert blocks.shape == (8, 3, 4)
+    assert blocks[1, 2].tolist() == [20, 21, 22, 23]
+    withcls = data.add_cls(blocks[0])
+    assert withcls.shape == (3, 5) and torch.all(withcls[:, 0] == data.CLS)
+    with pytest.raises(data.DataError, match="fewer than one batch"):
+        data.mlm_blocks(torch.arange(10), 3, 4)
+
+
+def _batch(n=64, s=129, vocab=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = data.add_cls(torch.randint(len(data.SPECIALS), vocab, (n, s - 1), generator=g))
+    tokens[:, -7:] = data.PAD  # padding at the end of every row
+    tokens[:, 40] = data.SEP
+    return tokens
+
+
+def test_masking_rate_and_never_specials():
+    g = torch.Generator().manual_seed(1)
+    rates = []
+    for i in range(30):
+        tokens = _batch(seed=i)
+        inputs, masked, targets = data.mask_tokens(tokens, 0.15, 1000, "mask", g)
+        maskable = tokens >= len(data.SPECIALS)
+        assert not masked[~maskable].any()
+        assert torch.equal(targets, tokens[masked])
+        assert torch.all(inputs[masked] == data.MASK) and torch.equal(inputs[~masked], tokens[~masked])
+        rates.append(masked.sum().item() / maskable.sum().item())
+        # positions differ between the rows of one batch (the original masked the same columns)
+        assert not torch.equal(masked[0], masked[1])
+    assert abs(np.mean(rates) - 0.15) < 0.005
+
+
+def test_bert_mode_80_10_10():
+    g = torch.Generator().manual_seed(2)
+    counts = np.zeros(3)
+    for i in range(30):
+        tokens = _batch(seed=i)
+        inputs, masked, targets = data.mask_tokens(tokens, 0.15, 1000, "bert", g)
+        got = inputs[masked]
+        is_mask = got == data.MASK
+        kept = got == targets
+        counts += [is_mask.sum().item(), (~is_mask & ~kept).sum().item(), kept.sum().item()]
+        assert torch.all(got >= data.MASK) and not torch.isin(got, torch.tensor([data.CLS, data.SEP, data.PAD])).any()
+    shares = counts / counts.sum()
+    # random replacements land on the original word 1/995 of the time: within tolerance
+    assert abs(shares[0] - 0.8) < 0.01 and abs(shares[1] - 0.1) < 0.01 and abs(shares[2] - 0.1) < 0.01
+
+
+def test_at_least_one_position_is_masked():
+    tokens = data.add_cls(torch.full((1, 3), 7))
+    _, masked, targets = data.mask_tokens(tokens, 1e-9, 10, "mask")
+    assert masked.sum() == 1 and targets.tolist() == [7]

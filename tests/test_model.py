@@ -1,0 +1,112 @@
+import torch
+import torch.nn.functional as F
+import pytest
+
+from model import (BertModel, MLMTask, MultiheadAttention, NextSentenceTask,
+                   QuestionAnswerTask, init_weights)
+
+V, E, H, FF, L = 50, 32, 4, 64, 2
+
+
+def tiny(dropout=0.0):
+    torch.manual_seed(0)
+    return MLMTask(V, E, H, FF, L, dropout)
+
+
+def test_head_shapes():
+    mlm = tiny()
+    src = torch.randint(5, V, (3, 11))
+    types = torch.zeros_like(src)
+    assert mlm(src).shape == (3, 11, V)
+    masked = torch.zeros_like(src, dtype=torch.bool)
+    masked[0, 1] = masked[2, 5] = masked[2, 6] = True
+    assert mlm(src, masked_positions=masked).shape == (3, V)
+    assert NextSentenceTask(mlm.bert_model)(src, types).shape == (3, 2)
+    start, end = QuestionAnswerTask(mlm.bert_model)(src, types)
+    assert start.shape == end.shape == (3, 11)
+
+
+def test_masked_logits_match_full_logits():
+    mlm = tiny().eval()
+    src = torch.randint(5, V, (2, 9))
+    masked = torch.rand(2, 9) < 0.4
+    masked[0, 0] = True
+    assert torch.allclose(mlm(src)[masked], mlm(src, masked_positions=masked), atol=1e-5)
+
+
+def test_padding_does_not_change_real_positions():
+    enc = tiny().bert_model.eval()
+    lengths = [7, 4, 10]
+    seqs = [torch.randint(5, V, (n,)) for n in lengths]
+    S = max(lengths)
+    batch = torch.full((3, S), 1)
+    pad = torch.ones(3, S, dtype=torch.bool)
+    types = torch.zeros(3, S, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, :len(s)] = s
+        pad[i, :len(s)] = False
+        types[i, len(s) // 2:len(s)] = 1
+    padded = enc(batch, types, key_padding_mask=pad)
+    for i, s in enumerate(seqs):
+        alone = enc(s[None], types[i:i + 1, :len(s)])
+        assert torch.allclose(padded[i, :len(s)], alone[0], atol=1e-5)
+    # Without the mask the padding leaks into real positions (the original's defect).
+    unmasked = enc(batch, types)
+    assert not torch.allclose(unmasked[1, :4], enc(seqs[1][None], types[1:2, :4])[0], atol=1e-4)
+
+
+def test_attention_matches_reference_math():
+    torch.manual_seed(1)
+    mha = MultiheadAttention(E, H).eval()
+    x = torch.randn(2, 6, E)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    q, k, v = mha.in_proj(x).chunk(3, dim=-1)
+    split = lambda t: t.view(2, 6, H, E // H).transpose(1, 2)
+    scores = split(q) @ split(k).transpose(-1, -2) / (E // H) ** 0.5
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    ref = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(2, 6, E)
+    assert torch.allclose(mha(x, pad), mha.out_proj(ref), atol=1e-5)
+
+
+def test_init_and_dropout_are_applied():
+    model = BertModel(1000, 64, 4, 256, 2, dropout=0.3)
+    w = model.layers[0].linear1.weight
+    assert abs(w.std().item() - 0.02) < 0.002
+    assert torch.all(model.layers[0].linear1.bias == 0)
+    assert torch.all(model.layers[0].norm1.weight == 1)
+    assert model.layers[1].dropout.p == 0.3 and model.bert_embed.dropout.p == 0.3
+    assert model.layers[0].mha.dropout == 0.3
+    assert model.config == dict(ntoken=1000, ninp=64, nhead=4, nhid=256, nlayers=2, dropout=0.3)
+
+
+def test_heads_keep_pretrained_encoder_weights():
+    enc = tiny().bert_model
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    NextSentenceTask(enc)
+    QuestionAnswerTask(enc)
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="divisible"):
+        BertModel(10, 30, 4, 8, 1)
+    with pytest.raises(ValueError, match="positive"):
+        BertModel(10, 32, 4, 8, 0)
+
+
+def test_a_small_batch_can_be_overfitted():
+    mlm = tiny()
+    torch.manual_seed(0)
+    src = torch.randint(5, V, (4, 16))
+    masked = torch.rand(4, 16) < 0.3
+    inputs = src.masked_fill(masked, 2)
+    opt = torch.optim.AdamW(mlm.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = F.cross_entropy(mlm(inputs, masked_positions=masked), src[masked])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
