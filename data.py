@@ -7,6 +7,7 @@ corpus gives the same token ids either way. Nothing here knows about the model.
 import collections
 import gzip
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -146,6 +147,9 @@ class Vocab:
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().split("\n")
+        except FileNotFoundError:
+            raise DataError(f"vocabulary file {path} not found; pass --save-vocab with the file "
+                            "that mlm_task.py wrote") from None
         except OSError as e:
             raise DataError(f"cannot read vocabulary file {path}: {e}") from None
         except UnicodeDecodeError:
@@ -413,6 +417,11 @@ def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None):
     return ids, offsets - offsets[0]
 
 
+def load_corpus(dataset, sources, vocab, tokenizer, cache_dir=None):
+    """{split: (ids, line offsets)} for train, valid and test (see load_split)."""
+    return {s: load_split(dataset, sources, s, vocab, tokenizer, cache_dir or None) for s in SPLITS}
+
+
 def _save_cache(path, ids, offsets):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,3 +485,211 @@ def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None):
                                 generator=generator, device=tokens.device)
         inputs[swap] = randoms[swap]
     return inputs, masked, targets
+
+
+class Batches:
+    """Aligned tensors served in batches of batch_size along dim 0, reshuffled per epoch.
+
+    Batches(x, y, batch_size=2): x (P, ...), y (P, ...) -> (x[i:i+2], y[i:i+2]), ...
+    """
+
+    def __init__(self, *tensors, batch_size, shuffle=False, seed=0, epoch=0):
+        self.tensors, self.batch_size = tensors, batch_size
+        self.order = None
+        if shuffle:
+            g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+            self.order = torch.randperm(len(tensors[0]), generator=g).to(tensors[0].device)
+
+    def __len__(self):
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.tensors[0]), self.batch_size):
+            if self.order is None:
+                yield tuple(t[start:start + self.batch_size] for t in self.tensors)
+            else:
+                idx = self.order[start:start + self.batch_size]
+                yield tuple(t[idx] for t in self.tensors)
+
+
+# --------------------------------------------------------------------------- next sentence
+
+def pack_pair(a, b, bptt, out_ids, out_types):
+    """Write <cls> a <sep> b <sep>, cut to bptt+1 tokens, into out_ids / out_types (rows
+    pre-filled with <pad> / 1); token type 0 for <cls>, A and the first <sep>."""
+    seq = np.concatenate([[CLS], a, [SEP], b, [SEP]])[:bptt + 1]
+    out_ids[:len(seq)] = seq
+    out_types[:min(len(a) + 2, bptt + 1)] = 0
+
+
+def ns_pairs(ids, offsets, min_sentence_len, frac_ns, bptt, generator):
+    """Next-sentence examples from the lines of a corpus, as the original built them.
+
+    Every line with at least max(2, min_sentence_len) tokens is split at a random point
+    into (A, B); for frac_ns of the pairs, B is replaced by the A of another pair and
+    the label becomes 0 (not next); otherwise 1 (is next).
+    Returns inputs (P, bptt+1), token types (P, bptt+1), labels (P,).
+    """
+    ids = ids.numpy()
+    lengths = np.diff(offsets)
+    lines = np.flatnonzero(lengths >= max(2, min_sentence_len))
+    n = len(lines)
+    if n < 2:
+        raise DataError(f"only {n} lines have at least {min_sentence_len} tokens; next-sentence "
+                        "pairs need more (lower --min_sentence_len or use more data)")
+    starts, lens = offsets[lines], lengths[lines]
+    cut = (torch.rand(n, generator=generator).numpy() * (lens - 1)).astype(np.int64) + 1
+    partner = np.arange(n)
+    negatives = torch.randperm(n, generator=generator)[:int(n * frac_ns)].numpy()
+    # another pair's A for each negative: j = i + k (mod n) with k in [1, n-1], never i itself
+    shift = torch.randint(1, n, (len(negatives),), generator=generator).numpy()
+    partner[negatives] = (negatives + shift) % n
+    labels = np.ones(n, dtype=np.int64)
+    labels[negatives] = 0
+    inputs = np.full((n, bptt + 1), PAD, dtype=np.int64)
+    types = np.ones((n, bptt + 1), dtype=np.int64)
+    for i in range(n):
+        a = ids[starts[i]:starts[i] + cut[i]]
+        if labels[i]:
+            b = ids[starts[i] + cut[i]:starts[i] + lens[i]]
+        else:
+            j = partner[i]
+            b = ids[starts[j]:starts[j] + cut[j]]
+        pack_pair(a, b, bptt, inputs[i], types[i])
+    return torch.from_numpy(inputs), torch.from_numpy(types), torch.from_numpy(labels)
+
+
+# --------------------------------------------------------------------------- SQuAD v1.1
+
+SQUAD = {"train-v1.1.json": "981b29407e0affa3b1b156f72073b945",
+         "dev-v1.1.json": "3e85deb501d4e538b6bc56f786231552"}
+SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
+
+
+def squad_file(data_dir, name, allow_download=True):
+    """data_dir/name (or name.gz); the official files are downloaded when absent."""
+    data_dir = Path(data_dir)
+    found = _find(data_dir, name)
+    if found:
+        return found
+    if name in SQUAD and allow_download:
+        try:
+            return download(SQUAD_URL + name, data_dir / name, SQUAD[name])
+        except DataError as e:
+            raise DataError(f"SQuAD file {name} not found in {data_dir} and {e}; put it there "
+                            "or pass --data-dir / --train-file / --dev-file") from None
+    raise DataError(f"SQuAD file {name} not found in {data_dir}; put it there or pass "
+                    "--data-dir / --train-file / --dev-file")
+
+
+def read_squad(path):
+    """Paragraphs of a SQuAD v1.1 file: [{'context', 'qas': [{'id', 'question',
+    'answers': [(text, char_start), ...]}]}], checked against the format."""
+    try:
+        with open_text(path) as f:
+            articles = json.load(f)["data"]
+        paragraphs = []
+        for article in articles:
+            for para in article["paragraphs"]:
+                ctx = para["context"]
+                qas = []
+                for qa in para["qas"]:
+                    answers = [(a["text"], int(a["answer_start"])) for a in qa["answers"]]
+                    for text, start in answers:
+                        if ctx[start:start + len(text)] != text:
+                            raise DataError(f"{path}: question {qa['id']}: answer {text!r} is not "
+                                            f"at answer_start {start} of its context")
+                    qas.append(dict(id=qa["id"], question=qa["question"], answers=answers))
+                paragraphs.append(dict(context=ctx, qas=qas))
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read SQuAD file {path}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path} is not in the SQuAD v1.1 format (problem at {e!r})") from None
+    if not paragraphs:
+        raise DataError(f"{path} holds no SQuAD paragraphs")
+    return paragraphs
+
+
+def answer_token_span(spans, char_start, char_end):
+    """First and last token overlapping text[char_start:char_end]; (-1, -1) if none."""
+    first = next((i for i, (s, e) in enumerate(spans) if e > char_start), None)
+    last = next((i for i in range(len(spans) - 1, -1, -1) if spans[i][0] < char_end), None)
+    if first is None or last is None or first > last:
+        return -1, -1
+    return first, last
+
+
+def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training=False):
+    """Model inputs for SQuAD: <cls> question <sep> context window <sep>, padded to bptt.
+
+    Without doc_stride each question gets one window, the start of its context (the
+    original). With doc_stride, windows start every doc_stride context tokens until
+    the end of the context is covered. In training, a window that does not hold the
+    (first) answer is left out without doc_stride (as the original did) and points at
+    <cls> with it (as BERT's run_squad does).
+
+    Returns (examples, features): examples[k] = dict(id, context, answers, spans);
+    features = dict of tensors: input_ids, token_types (F, bptt), start, end (F,) answer
+    positions in the input (-1 when not inside), example (F,), ctx_start (F,) input
+    position of the window's first context token, window (F,) its context-token index.
+    """
+    examples, rows = [], []
+    for para in paragraphs:
+        ctx_tokens, spans = tokenizer.tokenize_with_spans(para["context"])
+        ctx_ids = vocab.lookup_indices(ctx_tokens)
+        for qa in para["qas"]:
+            q_ids = vocab.lookup_indices(tokenizer(qa["question"]))
+            budget = bptt - len(q_ids) - 3
+            if budget < 1:
+                raise DataError(f"question {qa['id']} has {len(q_ids)} tokens, which leaves no "
+                                f"room for its context in --bptt {bptt}; raise --bptt")
+            gold = [answer_token_span(spans, s, s + len(t)) for t, s in qa["answers"]]
+            k = len(examples)
+            examples.append(dict(id=qa["id"], context=para["context"], spans=spans,
+                                 answers=[t for t, _ in qa["answers"]], gold=gold))
+            step = min(doc_stride, budget) if doc_stride else None
+            w = 0
+            while True:
+                window = ctx_ids[w:w + budget]
+                ctx_start = len(q_ids) + 2
+                s, e = gold[0] if gold else (-1, -1)
+                inside = s >= w and 0 <= e < w + len(window)
+                target = (s - w + ctx_start, e - w + ctx_start) if inside else (-1, -1)
+                if training and not inside and doc_stride:
+                    target = (0, 0)  # BERT: a window without the answer points at <cls>
+                if not (training and target[0] < 0):
+                    rows.append((k, [CLS] + q_ids + [SEP] + window + [SEP], ctx_start, w,
+                                 len(window), target))
+                if step is None or w + budget >= len(ctx_ids):
+                    break
+                w += step
+    n = len(rows)
+    input_ids = torch.full((n, bptt), PAD, dtype=torch.long)
+    types = torch.ones((n, bptt), dtype=torch.long)
+    meta = torch.zeros((n, 6), dtype=torch.long)
+    for i, (k, seq, ctx_start, w, wlen, (s, e)) in enumerate(rows):
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        types[i, :ctx_start] = 0
+        meta[i] = torch.tensor([s, e, k, ctx_start, w, wlen])
+    names = ("start", "end", "example", "ctx_start", "window", "window_len")
+    features = dict(input_ids=input_ids, token_types=types,
+                    **{name: meta[:, j] for j, name in enumerate(names)})
+    return examples, features
+
+
+def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len):
+    """Best span per row with start <= end < start + max_answer_len inside the context.
+
+    start_logits, end_logits (F, S); ctx_start, window_len (F,) -> (score, start, end),
+    each (F,), positions in the input.
+    """
+    F_, S = start_logits.shape
+    pos = torch.arange(S, device=start_logits.device)
+    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + window_len)[:, None])  # (F, S)
+    scores = start_logits[:, :, None] + end_logits[:, None, :]  # (F, S start, S end)
+    gap = pos[None, :] - pos[:, None]  # end - start
+    allowed = (gap >= 0) & (gap < max_answer_len)  # (S, S)
+    allowed = allowed[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    best, flat = scores.view(F_, -1).max(dim=1)
+    return best, flat // S, flat % S

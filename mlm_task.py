@@ -32,8 +32,7 @@ def build_parser():
     add("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
         help="'mask': every masked token becomes <MASK> (the original); "
              "'bert': 80%% <MASK>, 10%% a random word, 10%% unchanged")
-    add("--dataset", type=str, default="WikiText2", choices=data.DATASETS,
-        help="dataset used for the MLM task")
+    utils.add_corpus_flags(p, "WikiText2", data.DATASETS, "MLM")
     add("--checkpoint", type=str, default="None",
         help="a full_mlm_model.pt to start from instead of random weights")
     add("--save-full", type=str, default="full_mlm_model.pt",
@@ -69,14 +68,17 @@ def prepare_vocab(args, dataset, sources, tokenizer):
     return vocab
 
 
-def mlm_loss(mask_frac, mask_mode, vocab_size, generator=None, reduction="mean"):
-    """loss_fn(model, block (N, bptt)) for utils.train_epoch / utils.evaluate."""
+def mlm_loss(mask_frac, mask_mode, vocab_size, generator=None):
+    """loss_fn(model, block (N, bptt)): the mean loss for training, or with a generator
+    (evaluation, reproducible masks) the summed loss and the number of masked tokens."""
     def loss_fn(model, block):
         inputs, masked, targets = data.mask_tokens(data.add_cls(block), mask_frac, vocab_size,
                                                    mask_mode, generator)
         logits = model(inputs, masked_positions=masked)  # (M, ntoken), M masked positions
-        loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
-        return loss if reduction == "mean" else (loss, targets.numel())
+        if generator is None:
+            return F.cross_entropy(logits.float(), targets)
+        return dict(loss=F.cross_entropy(logits.float(), targets, reduction="sum"),
+                    count=targets.numel())
     return loss_fn
 
 
@@ -87,21 +89,15 @@ def main(args):
     utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
     sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
     vocab = prepare_vocab(args, args.dataset, sources, tokenizer)
-    cache = args.cache_dir or None
     blocks = {}
-    for split in data.SPLITS:
-        ids, _ = data.load_split(args.dataset, sources, split, vocab, tokenizer, cache)
+    for split, (ids, _) in data.load_corpus(args.dataset, sources, vocab, tokenizer,
+                                            args.cache_dir).items():
         blocks[split] = data.mlm_blocks(ids, args.batch_size, args.bptt, split).to(device)
         utils.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
 
     model = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout)
     if args.checkpoint != "None":
-        ckpt = utils.load_checkpoint(args.checkpoint, "mlm_task")
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError:
-            raise utils.UserError(f"{args.checkpoint} does not fit a model of these sizes and this "
-                                  "vocabulary; pass the flags it was trained with") from None
+        utils.load_task(model, args.checkpoint, "mlm_task", vocab.fingerprint)
     model.to(device)
     utils.print0(f"| model: {count_parameters(model):,} parameters")
 
@@ -112,27 +108,24 @@ def main(args):
     def evaluate(split):
         # The same masks at every evaluation, so valid losses compare across epochs.
         gen = torch.Generator(device=device).manual_seed(args.seed % 2**63)
-        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), gen, reduction="sum")
-        return utils.evaluate(model, blocks[split], loss_fn, args.dry_run)
+        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), gen)
+        sums = utils.evaluate(model, blocks[split], loss_fn, args.dry_run)
+        return sums["loss"] / sums["count"]
 
     def validate(model):
         loss = evaluate("valid")
-        return loss, f"valid loss {loss:5.2f} | valid ppl {utils.safe_exp(loss):8.2f}"
+        return loss, f"valid loss {loss:5.2f} | valid ppl {utils.safe_exp(loss):8.2f}", loss
 
     def save_best():
-        utils.save_task(args.save_full, model, "mlm_task", config=model.bert_model.config,
-                        vocab_fingerprint=vocab.fingerprint)
+        utils.save_task(args.save_full, model, "mlm_task", vocab.fingerprint)
 
     train_log, val_log = utils.fit(args, model, optimizer, scheduler, lambda epoch: blocks["train"],
                                    train_loss, validate, save_best)
 
-    model.load_state_dict(utils.load_checkpoint(args.save_full, "mlm_task")["model"])
+    utils.load_task(model, args.save_full, "mlm_task", vocab.fingerprint)
     test_loss = evaluate("test")
-    utils.print0(utils.DOUBLE_LINE)
-    utils.print0(f"| End of training | test loss {test_loss:5.2f} | "
-                 f"test ppl {utils.safe_exp(test_loss):8.2f}")
-    utils.print0(utils.DOUBLE_LINE)
-    utils.print_loss_log(args.loss_log, train_log, val_log, test_loss, args)
+    utils.finish(args, f"test loss {test_loss:5.2f} | test ppl {utils.safe_exp(test_loss):8.2f}",
+                 train_log, val_log, test_loss)
     utils.save_encoder(args.save, model.bert_model, vocab.fingerprint,
                        test_loss=test_loss, test_ppl=math.exp(min(test_loss, 700)))
     utils.print0(f"| saved the encoder to {args.save}")

@@ -64,10 +64,17 @@ def base_parser(description, **defaults):
     add("--data-dir", type=str, default=None,
         help="folder with the data set's files; None means .data/<dataset>, where missing files "
              "are downloaded")
-    add("--cache-dir", type=str, default=".data/cache",
-        help="where token ids are cached so that later runs skip tokenization ('' disables)")
     add("--dry-run", action="store_true", help="run one batch of each split, then stop")
     return p
+
+
+def add_corpus_flags(p, default, choices, task):
+    """--dataset and --cache-dir, for the tasks that read a text corpus."""
+    p.add_argument("--dataset", type=str, default=default, choices=choices,
+                   help=f"dataset used for the {task} task")
+    p.add_argument("--cache-dir", type=str, default=".data/cache",
+                   help="where token ids are cached so that later runs skip tokenization "
+                        "('' disables)")
 
 
 def check_positive(args, *names):
@@ -185,9 +192,26 @@ def load_encoder(path, vocab, dropout=None):
     return model
 
 
-def save_task(path, model, task, **extra):
-    atomic_save(dict(format="bert-example", version=CHECKPOINT_VERSION, kind=task,
-                     model=model.state_dict(), **extra), path)
+def save_task(path, model, kind, vocab_fingerprint):
+    """A whole task model (encoder and head) with the encoder's configuration."""
+    atomic_save(dict(format="bert-example", version=CHECKPOINT_VERSION, kind=kind,
+                     config=dict(model.bert_model.config), model=model.state_dict(),
+                     vocab_fingerprint=vocab_fingerprint), path)
+
+
+def load_task(model, path, kind, vocab_fingerprint):
+    """Load a save_task checkpoint into model, refusing one of other sizes or vocabulary."""
+    ckpt = load_checkpoint(path, kind)
+    if ckpt["vocab_fingerprint"] != vocab_fingerprint:
+        raise UserError(f"{path} was trained with another vocabulary than the one loaded; "
+                        "pass the matching --save-vocab file")
+    mine = {k: v for k, v in model.bert_model.config.items() if k != "dropout"}
+    theirs = {k: v for k, v in ckpt["config"].items() if k != "dropout"}
+    if mine != theirs:
+        raise UserError(f"{path} holds a model of other sizes ({theirs}) than this one ({mine}); "
+                        "pass the flags it was trained with")
+    model.load_state_dict(ckpt["model"])
+    return ckpt
 
 
 # --------------------------------------------------------------------------- training loop
@@ -198,17 +222,18 @@ def autocast(device, amp="none"):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def train_epoch(model, batches, loss_fn, optimizer, args, epoch):
+def train_epoch(model, batches, loss_fn, optimizer, args, epoch, fmt=("5.2f", "8.2f")):
     """One pass over batches; loss_fn(model, batch) -> mean loss tensor. Returns mean loss.
 
     Losses are summed on the device and read back only at log intervals, so the
-    training step never waits for the host.
+    training step never waits for the host. fmt: formats of the printed loss and ppl.
     """
     model.train()
     nbatches = len(batches)
     total = interval = torch.zeros((), device=next(model.parameters()).device)
     count, start = 0, time.time()
-    for i, batch in enumerate(batches):
+    every = 1 if args.dry_run else args.log_interval
+    for batch in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)
         loss.backward()
@@ -217,13 +242,12 @@ def train_epoch(model, batches, loss_fn, optimizer, args, epoch):
         optimizer.step()
         total, interval = total + loss.detach(), interval + loss.detach()
         count += 1
-        if count % args.log_interval == 0 or args.dry_run:
-            cur = check_finite(interval.item() / (args.log_interval if not args.dry_run else 1),
-                               epoch, count)
-            elapsed = (time.time() - start) * 1000 / (args.log_interval if not args.dry_run else 1)
+        if count % every == 0:
+            cur = check_finite(interval.item() / every, epoch, count)
+            ms = (time.time() - start) * 1000 / every
             print0(f"| epoch {epoch:3d} | {count:5d}/{nbatches:5d} batches | lr "
-                   f"{optimizer.param_groups[0]['lr']:05.5f} | ms/batch {elapsed:5.2f} | "
-                   f"loss {cur:5.2f} | ppl {safe_exp(cur):8.2f}")
+                   f"{optimizer.param_groups[0]['lr']:05.5f} | ms/batch {ms:5.2f} | "
+                   f"loss {cur:{fmt[0]}} | ppl {safe_exp(cur):{fmt[1]}}")
             interval, start = torch.zeros_like(interval), time.time()
         if args.dry_run:
             break
@@ -242,41 +266,52 @@ def safe_exp(x):
 
 
 @torch.no_grad()
-def evaluate(model, batches, loss_fn, dry_run=False):
-    """Mean loss over batches; loss_fn(model, batch) -> (summed loss, item count)."""
+def evaluate(model, batches, fn, dry_run=False):
+    """Sums over batches of fn(model, batch) -> {name: number or 0-d tensor}, as floats."""
     model.eval()
-    total = count = 0.0
+    totals = {}
     for batch in batches:
-        loss_sum, n = loss_fn(model, batch)
-        total, count = total + loss_sum, count + n
+        for name, value in fn(model, batch).items():
+            totals[name] = totals.get(name, 0) + value
         if dry_run:
             break
-    return float(total) / max(float(count), 1.0)
+    return {name: float(value) for name, value in totals.items()}
 
 
-def fit(args, model, optimizer, scheduler, train_batches, loss_fn, validate, save_best):
+def fit(args, model, optimizer, scheduler, train_batches, loss_fn, validate, save_best,
+        fmt=("5.2f", "8.2f")):
     """The original's epoch loop: train, validate, keep the best, decay lr when no better.
 
-    validate(model) -> (valid loss, text after 'time: ...s | ' in the end-of-epoch line);
-    save_best() is called whenever validation improves. Returns (train, valid) loss logs.
+    train_batches(epoch) -> batches; validate(model) -> (valid loss, text after
+    'time: ...s | ' in the end-of-epoch line, value to minimise for the best model);
+    save_best() is called whenever that value improves. Returns (train, valid) loss logs.
     """
     best, train_log, val_log = None, [], []
     for epoch in range(1, args.epochs + 1):
         start = time.time()
-        train_log.append(train_epoch(model, train_batches(epoch), loss_fn, optimizer, args, epoch))
-        val_loss, summary = validate(model)
+        train_log.append(train_epoch(model, train_batches(epoch), loss_fn, optimizer, args,
+                                     epoch, fmt))
+        val_loss, summary, key = validate(model)
         val_log.append(val_loss)
         print0(LINE)
         print0(f"| end of epoch {epoch:3d} | time: {time.time() - start:5.2f}s | {summary}")
         print0(LINE)
-        if best is None or val_loss < best:
-            best = val_loss
+        if best is None or key < best:
+            best = key
             save_best()
         else:
             scheduler.step()
         if args.dry_run:
             break
     return train_log, val_log
+
+
+def finish(args, summary, train_log, val_log, test_loss):
+    """The closing lines and the loss log."""
+    print0(DOUBLE_LINE)
+    print0(f"| End of training | {summary}")
+    print0(DOUBLE_LINE)
+    print_loss_log(args.loss_log, train_log, val_log, test_loss, args)
 
 
 def print_loss_log(file_name, train_loss, val_loss, test_loss, args=None):

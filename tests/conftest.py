@@ -44,3 +44,35 @@ def run_script(script, *args, cwd, check=True, timeout=300):
 @pytest.fixture
 def wikitext(tmp_path):
     return write_wikitext(tmp_path / "wikitext")
+
+
+SQUAD_PARAGRAPHS = [
+    ("The Eiffel Tower, built in 1889, is 330 m tall. It stands in Paris, the capital of France.",
+     [("When was the Eiffel Tower built?", "1889"), ("How tall is the tower?", "330 m"),
+      ("Where does it stand?", "Paris"), ("Paris is the capital of which country?", "France")]),
+    ('The river "Rhine" flows through Basel; it is 1,230 km long and ends in the North Sea.',
+     [("Which river flows through Basel?", "Rhine"), ("How long is the Rhine?", "1,230 km"),
+      ("Where does the Rhine end?", "the North Sea")]),
+    ("Prime numbers have exactly two divisors: one and themselves. Two is the only even prime.",
+     [("How many divisors does a prime have?", "two"), ("Which prime is even?", "Two")]),
+]
+
+
+def write_squad(path, paragraphs=SQUAD_PARAGRAPHS, copies=1, prefix="q"):
+    """A SQuAD v1.1 file: each (context, [(question, answer)]) becomes a paragraph whose
+    answer_start is the answer's first occurrence in the context."""
+    import json
+    data, n = [], 0
+    for c in range(copies):
+        paras = []
+        for context, qas in paragraphs:
+            items = []
+            for question, answer in qas:
+                start = context.index(answer)
+                items.append({"id": f"{prefix}{n}", "question": question,
+                              "answers": [{"text": answer, "answer_start": start}]})
+                n += 1
+            paras.append({"context": context, "qas": items})
+        data.append({"title": f"T{c}", "paragraphs": paras})
+    Path(path).write_text(json.dumps({"data": data, "version": "1.1"}))
+    return Path(path)

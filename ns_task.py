@@ -1,0 +1,122 @@
+"""Next-sentence pretraining of the encoder trained by mlm_task.py (the second step).
+
+    python ns_task.py --bert-model mlm_bert.pt                      # WikiText-103, as the original
+    python ns_task.py --bert-model mlm_bert.pt --dataset WikiText2 --data-dir DIR
+    python ns_task.py --bert-model mlm_bert.pt --device cuda
+
+Each line with at least --min_sentence_len tokens is split at a random point into
+(A, B); for --frac_ns of the pairs B is replaced by the A of another pair. The
+model reads <cls> A <sep> B <sep> and predicts 1 (B follows A) or 0. Writes
+ns_bert.pt (the encoder, loaded by qa_task.py), ns_model.pt (encoder and
+classifier, best on validation) and ns_loss.txt.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import utils
+from model import NextSentenceTask
+
+
+def build_parser():
+    p = utils.base_parser("BERT next-sentence pretraining", lr=0.25, clip=0.1, epochs=5,
+                          batch_size=24, log_interval=600, save="ns_bert.pt", seed=312216194)
+    add = p.add_argument
+    utils.add_corpus_flags(p, "WikiText103", data.DATASETS, "next-sentence")
+    add("--min_sentence_len", type=int, default=60,
+        help="lines shorter than this many tokens are not used")
+    add("--frac_ns", type=float, default=0.5, help="fraction of pairs whose B is not the next text")
+    add("--bert-model", type=str, default="mlm_bert.pt", help="the encoder written by mlm_task.py")
+    add("--dropout", type=float, default=None,
+        help="dropout of the encoder (default: the value it was pretrained with)")
+    add("--cuda", action="store_true", help="same as --device cuda (the original's flag)")
+    add("--checkpoint", type=str, default="None",
+        help="an ns_model.pt to start from instead of --bert-model plus a new classifier")
+    add("--save-full", type=str, default="ns_model.pt",
+        help="where to keep the best full model (encoder and classifier)")
+    add("--loss-log", type=str, default="ns_loss.txt", help="the loss log written at the end")
+    return p
+
+
+def check_args(args):
+    utils.check_positive(args, "epochs", "batch_size", "bptt", "log_interval", "lr")
+    if not 0.0 <= args.frac_ns <= 1.0:
+        raise utils.UserError(f"--frac_ns must be between 0 and 1, got {args.frac_ns}")
+    if args.min_sentence_len < 0:
+        raise utils.UserError(f"--min_sentence_len must not be negative, got {args.min_sentence_len}")
+    if args.bptt + 1 > 512:
+        raise utils.UserError(f"--bptt {args.bptt} plus <cls> exceeds the model's 512 positions")
+    if args.cuda:
+        args.device = "cuda"
+    utils.check_writable(args.save, args.save_full, args.loss_log)
+
+
+def ns_step(model, batch, reduce=True):
+    """Cross-entropy of the is-next classifier on (inputs, types, labels) (N, S+1), (N,)."""
+    inputs, types, labels = batch
+    logits = model(inputs, types, key_padding_mask=inputs == data.PAD)  # (N, 2)
+    if reduce:
+        return F.cross_entropy(logits.float(), labels)
+    return dict(loss=F.cross_entropy(logits.float(), labels, reduction="sum"),
+                correct=(logits.argmax(1) == labels).sum(), count=len(labels))
+
+
+def main(args):
+    check_args(args)
+    device = utils.setup(args)
+    tokenizer = data.Tokenizer()
+    utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
+    vocab = data.Vocab.load(args.save_vocab)
+    model = NextSentenceTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
+    if args.checkpoint != "None":
+        utils.load_task(model, args.checkpoint, "ns_task", vocab.fingerprint)
+    model.to(device)
+    sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
+    corpus = data.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir)
+
+    def pairs(split, seed):
+        ids, offsets = corpus[split]
+        gen = torch.Generator().manual_seed(seed)
+        tensors = data.ns_pairs(ids, offsets, args.min_sentence_len, args.frac_ns, args.bptt, gen)
+        return [t.to(device) for t in tensors]
+
+    # Validation and test pairs are drawn once, so their losses compare across epochs;
+    # training pairs are drawn anew each epoch (new split points and partners).
+    fixed = {s: pairs(s, args.seed + i) for i, s in enumerate(("valid", "test"), 1)}
+    for split, (_, offsets) in corpus.items():
+        n = (np.diff(offsets) >= max(2, args.min_sentence_len)).sum()
+        utils.print0(f"| {split}: {n} pairs (lines with at least {args.min_sentence_len} tokens)")
+
+    def train_batches(epoch):
+        return data.Batches(*pairs("train", args.seed * 100 + epoch), batch_size=args.batch_size,
+                            shuffle=True, seed=args.seed, epoch=epoch)
+
+    def evaluate(split):
+        batches = data.Batches(*fixed[split], batch_size=args.batch_size)
+        sums = utils.evaluate(model, batches, lambda m, b: ns_step(m, b, reduce=False),
+                              args.dry_run)
+        return sums["loss"] / sums["count"], 100.0 * sums["correct"] / sums["count"]
+
+    def validate(model):
+        loss, acc = evaluate("valid")
+        return loss, f"valid loss {loss:8.5f} | valid accuracy {acc:6.2f}%", loss
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
+    train_log, val_log = utils.fit(
+        args, model, optimizer, scheduler, train_batches, ns_step, validate,
+        lambda: utils.save_task(args.save_full, model, "ns_task", vocab.fingerprint),
+        fmt=("8.5f", "5.2f"))
+
+    utils.load_task(model, args.save_full, "ns_task", vocab.fingerprint)
+    test_loss, test_acc = evaluate("test")
+    utils.finish(args, f"test loss {test_loss:8.5f} | test ppl {utils.safe_exp(test_loss):8.5f} | "
+                       f"test accuracy {test_acc:6.2f}%", train_log, val_log, test_loss)
+    utils.save_encoder(args.save, model.bert_model, vocab.fingerprint,
+                       test_loss=test_loss, test_accuracy=test_acc)
+    utils.print0(f"| saved the encoder to {args.save}")
+
+
+if __name__ == "__main__":
+    utils.cli(main, build_parser(), errors=(data.DataError,))

@@ -1,0 +1,191 @@
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import utils
+from conftest import SQUAD_PARAGRAPHS, TINY, run_script, write_squad, write_wikitext
+
+
+# ----------------------------------------------------------------- next-sentence pairs
+
+def _corpus(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return torch.randint(len(data.SPECIALS), 500, (int(offsets[-1]),), generator=g), offsets
+
+
+def test_pairs_labels_types_and_separators():
+    ids, offsets = _corpus([30] * 2000)
+    inputs, types, labels = data.ns_pairs(ids, offsets, 10, 0.3, 64, torch.Generator().manual_seed(0))
+    assert inputs.shape == types.shape == (2000, 65) and labels.shape == (2000,)
+    assert abs((labels == 0).float().mean().item() - 0.3) < 0.001
+    assert torch.all(inputs[:, 0] == data.CLS)
+    for row, tt, label, start in zip(inputs[:50], types[:50], labels[:50], offsets[:50]):
+        seps = (row == data.SEP).nonzero().flatten().tolist()
+        assert len(seps) == 2
+        if label:
+            assert seps[1] == 32  # cls + the 30 tokens of the line + 2 seps, padded after
+        assert torch.all(row[seps[1] + 1:] == data.PAD)
+        assert torch.all(tt[:seps[0] + 1] == 0) and torch.all(tt[seps[0] + 1:] == 1)
+        a, b = row[1:seps[0]], row[seps[0] + 1:seps[1]]
+        line = ids[start:start + 30]
+        assert torch.equal(a, line[:len(a)])
+        assert torch.equal(b, line[len(a):]) == bool(label)
+
+
+def test_negative_b_is_the_a_of_another_pair():
+    ids, offsets = _corpus([12] * 50)
+    inputs, _, labels = data.ns_pairs(ids, offsets, 2, 1.0, 40, torch.Generator().manual_seed(3))
+    assert torch.all(labels == 0)
+    starts = {tuple(r[1:(r == data.SEP).nonzero()[0]].tolist()): i for i, r in enumerate(inputs)}
+    for i, r in enumerate(inputs):
+        seps = (r == data.SEP).nonzero().flatten()
+        b = tuple(r[seps[0] + 1:seps[1]].tolist())
+        assert starts[b] != i  # B is another pair's A, never its own
+
+
+def test_min_sentence_len_filter_and_cut():
+    ids, offsets = _corpus([5, 80, 59, 60, 200])
+    inputs, types, _ = data.ns_pairs(ids, offsets, 60, 0.0, 32, torch.Generator().manual_seed(0))
+    assert len(inputs) == 3  # the lines of 80, 60 and 200 tokens
+    assert inputs.shape[1] == 33 and torch.all(inputs[:, -1] != data.PAD)  # long pairs are cut
+    with pytest.raises(data.DataError, match="min_sentence_len"):
+        data.ns_pairs(ids, offsets, 1000, 0.5, 32, torch.Generator())
+
+
+# ----------------------------------------------------------------- SQuAD
+
+def test_squad_reader_maps_answers_to_tokens_exactly(tmp_path):
+    paras = data.read_squad(write_squad(tmp_path / "s.json"))
+    vocab = data.Vocab.build(data.basic_english(p[0]) for p in SQUAD_PARAGRAPHS)
+    examples, f = data.squad_features(paras, data.Tokenizer(), vocab, 64)
+    assert len(examples) == 9 == len(f["start"])
+    for i, ex in enumerate(examples):
+        (s, e), = ex["gold"]
+        assert ex["context"][ex["spans"][s][0]:ex["spans"][e][1]] == ex["answers"][0]
+        c = int(f["ctx_start"][i])
+        assert int(f["start"][i]) == s + c and int(f["end"][i]) == e + c
+        ids = f["input_ids"][i]
+        assert ids[0] == data.CLS and ids[c - 1] == data.SEP and f["token_types"][i, c - 1] == 0
+        assert f["token_types"][i, c] == 1
+        assert ids[s + c:e + c + 1].tolist() == vocab.lookup_indices(data.basic_english(ex["answers"][0]))
+
+
+def test_answer_token_span_inside_words_and_unicode():
+    text = "Ünïcode “quotes” and İstanbul, 20–18 score."
+    tokens, spans = data.Tokenizer().tokenize_with_spans(text)
+    start = text.index("İstanbul")
+    s, e = data.answer_token_span(spans, start, start + len("İstanbul"))
+    assert text[spans[s][0]:spans[e][1]] == "İstanbul"
+    start = text.index("18")  # inside the token '20–18': the covering token is taken
+    s, e = data.answer_token_span(spans, start, start + 2)
+    assert text[spans[s][0]:spans[e][1]] == "20–18"
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "cannot read SQuAD file"),
+    ('{"data": [{"paragraphs": [{"qas": []}]}]}', "not in the SQuAD v1.1 format"),
+    ('{"data": []}', "holds no SQuAD paragraphs"),
+    ('{"data": [{"paragraphs": [{"context": "abc def", "qas": [{"id": "x", "question": "q?", '
+     '"answers": [{"text": "def", "answer_start": 0}]}]}]}]}', "question x: answer 'def' is not at"),
+])
+def test_malformed_squad_is_refused(tmp_path, content, match):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(data.DataError, match=match):
+        data.read_squad(tmp_path / "bad.json")
+
+
+def test_doc_stride_windows_reach_late_answers(tmp_path):
+    context = " ".join(f"w{i}" for i in range(60)) + " answer here " + " ".join(
+        f"w{i}" for i in range(60, 100)) + " ."  # the answer is tokens 60-61 of 103
+    path = tmp_path / "long.json"
+    write_squad(path, [(context, [("where is it?", "answer here")])])
+    paras = data.read_squad(path)
+    vocab = data.Vocab.build([data.basic_english(context)])
+    tok = data.Tokenizer()
+    _, one = data.squad_features(paras, tok, vocab, 32)
+    assert len(one["start"]) == 1 and one["start"][0] == -1  # cut off: unreachable
+    _, train = data.squad_features(paras, tok, vocab, 32, training=True)
+    assert len(train["start"]) == 0  # left out of training, as the original did
+    ex, f = data.squad_features(paras, tok, vocab, 32, doc_stride=10)
+    budget = 32 - 4 - 3  # bptt - question tokens - <cls> <sep> <sep>
+    assert f["window"].tolist() == list(range(0, 103 - budget + 10, 10))[:len(f["window"])]
+    assert int(f["window"][-1]) + int(f["window_len"][-1]) == 103  # the end is covered
+    inside = (f["start"] >= 0).nonzero().flatten()
+    assert f["window"][inside].tolist() == [40, 50, 60]  # overlapping windows all hold it
+    for i in inside.tolist():
+        pos = int(f["start"][i]) - int(f["ctx_start"][i]) + int(f["window"][i])
+        assert ex[0]["context"][ex[0]["spans"][pos][0]:].startswith("answer here")
+    _, tr = data.squad_features(paras, tok, vocab, 32, doc_stride=10, training=True)
+    assert len(tr["start"]) == len(f["start"]) and (tr["start"] == 0).sum() == len(f["start"]) - len(inside)
+
+
+def test_span_decoding():
+    S = 10
+    s = torch.full((3, S), -5.0)
+    e = torch.full((3, S), -5.0)
+    s[0, 6], e[0, 4] = 9.0, 9.0   # best start after best end: must not be chosen as is
+    e[0, 7] = 1.0
+    s[1, 2], e[1, 9] = 5.0, 5.0   # too long for max_answer_len 4 / 9 is outside the context
+    e[1, 4] = 2.0
+    s[2, 0], e[2, 0] = 50.0, 50.0  # <cls> is outside the context
+    s[2, 5], e[2, 5] = 1.0, 1.0
+    ctx_start = torch.tensor([3, 2, 3])
+    wlen = torch.tensor([6, 6, 6])
+    score, start, end = data.best_spans(s, e, ctx_start, wlen, 4)
+    assert torch.all(start <= end) and torch.all(end - start < 4)
+    assert (start.tolist(), end.tolist()) == ([6, 2, 5], [7, 4, 5])
+    assert score[0] == 10.0
+
+
+# ----------------------------------------------------------------- the pipeline
+
+def test_pipeline_mlm_ns_qa(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", cwd=tmp_path)
+    common = ["--batch_size", "8", "--bptt", "48", "--log-interval", "5", "--epochs", "2"]
+    ns = run_script("ns_task.py", "--bert-model", "mlm_bert.pt", "--dataset", "WikiText2",
+                    "--data-dir", wt, "--min_sentence_len", "10", *common, cwd=tmp_path)
+    assert re.search(r"^\| end of epoch +1 \| time: +[\d.]+s \| valid loss +[\d.]+ \| valid accuracy",
+                     ns.stdout, re.M)
+    assert re.search(r"^\| End of training \| test loss +[\d.]+ \| test ppl +[\d.]+ \| test accuracy",
+                     ns.stdout, re.M)
+    assert (tmp_path / "ns_loss.txt").read_text().splitlines()[-1].startswith("test loss")
+    vocab = data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
+    assert utils.load_encoder(tmp_path / "ns_bert.pt", vocab).config["ninp"] == 32
+    write_squad(tmp_path / "train.json", copies=5)
+    write_squad(tmp_path / "dev.json", prefix="d")
+    qa = run_script("qa_task.py", "--bert-model", "ns_bert.pt", "--train-file", "train.json",
+                    "--dev-file", "dev.json", *common, cwd=tmp_path)
+    assert re.search(r"^\| end of epoch +2 \| time: +[\d.]+s \| valid loss +[\d.]+ \| exact +[\d.]+% \| "
+                     r"f1 +[\d.]+%$", qa.stdout, re.M)
+    assert re.search(r"^\| original-style token metrics \(\d+ of 9 questions\)", qa.stdout, re.M)
+    assert re.search(r"^\| End of training \| dev loss", qa.stdout, re.M)
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    assert sorted(preds) == sorted(f"d{i}" for i in range(9))
+    assert all(isinstance(v, str) for v in preds.values())
+    ckpt = utils.load_checkpoint(tmp_path / "qa_model.pt", "qa_task")
+    assert "qa_span.weight" in ckpt["model"]
+    # a step fed the wrong file: one clear line, exit 2, nothing overwritten
+    before = (tmp_path / "ns_bert.pt").read_bytes()
+    bad = run_script("ns_task.py", "--bert-model", "ns_model.pt", "--dataset", "WikiText2",
+                     "--data-dir", wt, *common, cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "'ns_task' checkpoint where 'encoder' is expected" in bad.stderr
+    assert (tmp_path / "ns_bert.pt").read_bytes() == before
+    short = run_script("qa_task.py", "--bert-model", "ns_bert.pt", "--train-file", "train.json",
+                       "--dev-file", "dev.json", "--bptt", "8", cwd=tmp_path, check=False)
+    assert short.returncode == 2 and "raise --bptt" in short.stderr and "Traceback" not in short.stderr
+
+
+def test_encoder_of_another_vocabulary_is_refused(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (100, 30, 30))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", cwd=tmp_path)
+    (tmp_path / "torchtext_bert_vocab.pt").write_text(
+        data.VOCAB_HEADER + "\n" + "\n".join(data.SPECIALS + ["other", "words"]) + "\n")
+    proc = run_script("ns_task.py", "--dataset", "WikiText2", "--data-dir", wt, cwd=tmp_path,
+                      check=False)
+    assert proc.returncode == 2 and "another vocabulary" in proc.stderr
