@@ -488,28 +488,38 @@ def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None):
 
 
 class Batches:
-    """Aligned tensors served in batches of batch_size along dim 0, reshuffled per epoch.
+    """Aligned tensors served in batches along dim 0, reshuffled per epoch with a seed.
 
     Batches(x, y, batch_size=2): x (P, ...), y (P, ...) -> (x[i:i+2], y[i:i+2]), ...
+    With world > 1 each global batch holds batch_size rows per rank and rank gets its
+    own slice, so a job of any size sees the same global batches (the last, partial
+    one dropped when drop_last).
     """
 
-    def __init__(self, *tensors, batch_size, shuffle=False, seed=0, epoch=0):
-        self.tensors, self.batch_size = tensors, batch_size
+    def __init__(self, *tensors, batch_size, shuffle=False, seed=0, epoch=0, rank=0, world=1,
+                 drop_last=False):
+        self.tensors, self.batch_size, self.rank, self.world = tensors, batch_size, rank, world
+        self.size = batch_size * world
+        rows = len(tensors[0])
+        self.stop = rows - rows % self.size if drop_last else rows
         self.order = None
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-            self.order = torch.randperm(len(tensors[0]), generator=g).to(tensors[0].device)
+            self.order = torch.randperm(rows, generator=g).to(tensors[0].device)
 
     def __len__(self):
-        return -(-len(self.tensors[0]) // self.batch_size)
+        return -(-self.stop // self.size)
 
     def __iter__(self):
-        for start in range(0, len(self.tensors[0]), self.batch_size):
-            if self.order is None:
-                yield tuple(t[start:start + self.batch_size] for t in self.tensors)
-            else:
-                idx = self.order[start:start + self.batch_size]
-                yield tuple(t[idx] for t in self.tensors)
+        for start in range(0, self.stop, self.size):
+            end = min(start + self.size, self.stop)
+            mine = torch.arange(start, end).tensor_split(self.world)[self.rank]
+            if len(mine) == 0:
+                continue
+            idx = mine.to(self.tensors[0].device)
+            if self.order is not None:
+                idx = self.order[idx]
+            yield tuple(t[idx] for t in self.tensors)
 
 
 # --------------------------------------------------------------------------- next sentence

@@ -68,17 +68,24 @@ def prepare_vocab(args, dataset, sources, tokenizer):
     return vocab
 
 
-def mlm_loss(mask_frac, mask_mode, vocab_size, generator=None):
-    """loss_fn(model, block (N, bptt)): the mean loss for training, or with a generator
-    (evaluation, reproducible masks) the summed loss and the number of masked tokens."""
+def mlm_loss(mask_frac, mask_mode, vocab_size, generator, train=True):
+    """loss_fn(model, block) for utils.train_epoch (mean loss) or utils.evaluate (sums).
+
+    block (B * world, bptt) is the global batch: every rank draws the same masks for
+    all of it from the same generator, then runs its own B rows, so a job of any size
+    trains on the same masked batches. The loss is normalised by the global number of
+    masked tokens (times world, as DDP averages gradients over the ranks).
+    """
     def loss_fn(model, block):
-        inputs, masked, targets = data.mask_tokens(data.add_cls(block), mask_frac, vocab_size,
-                                                   mask_mode, generator)
-        logits = model(inputs, masked_positions=masked)  # (M, ntoken), M masked positions
-        if generator is None:
-            return F.cross_entropy(logits.float(), targets)
-        return dict(loss=F.cross_entropy(logits.float(), targets, reduction="sum"),
-                    count=targets.numel())
+        tokens = data.add_cls(block)
+        inputs, masked, _ = data.mask_tokens(tokens, mask_frac, vocab_size, mask_mode, generator)
+        rows = block.size(0) // utils.DIST.world
+        mine = slice(utils.DIST.rank * rows, (utils.DIST.rank + 1) * rows)
+        logits = model(inputs[mine], masked_positions=masked[mine])  # (M, ntoken), M masked
+        loss = F.cross_entropy(logits.float(), tokens[mine][masked[mine]], reduction="sum")
+        if train:
+            return loss * utils.DIST.world / masked.sum()
+        return dict(loss=loss, count=masked[mine].sum())
     return loss_fn
 
 
@@ -92,24 +99,27 @@ def main(args):
     blocks = {}
     for split, (ids, _) in data.load_corpus(args.dataset, sources, vocab, tokenizer,
                                             args.cache_dir).items():
-        blocks[split] = data.mlm_blocks(ids, args.batch_size, args.bptt, split).to(device)
+        blocks[split] = data.mlm_blocks(ids, args.batch_size * utils.DIST.world, args.bptt,
+                                        split).to(device)
         utils.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
 
-    model = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout)
+    raw = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout)
     if args.checkpoint != "None":
-        utils.load_task(model, args.checkpoint, "mlm_task", vocab.fingerprint)
-    model.to(device)
-    utils.print0(f"| model: {count_parameters(model):,} parameters")
+        utils.load_task(raw, args.checkpoint, "mlm_task", vocab.fingerprint)
+    raw.to(device)
+    utils.print0(f"| model: {count_parameters(raw):,} parameters")
+    model = utils.wrap_ddp(raw, args)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
-    train_loss = mlm_loss(args.mask_frac, args.mask_mode, len(vocab))
+    train_loss = mlm_loss(args.mask_frac, args.mask_mode, len(vocab),
+                          torch.Generator(device=device).manual_seed(args.seed % 2**63))
 
     def evaluate(split):
         # The same masks at every evaluation, so valid losses compare across epochs.
-        gen = torch.Generator(device=device).manual_seed(args.seed % 2**63)
-        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), gen)
-        sums = utils.evaluate(model, blocks[split], loss_fn, args.dry_run)
+        gen = torch.Generator(device=device).manual_seed((args.seed + 1) % 2**63)
+        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), gen, train=False)
+        sums = utils.evaluate(model, blocks[split], loss_fn, args)
         return sums["loss"] / sums["count"]
 
     def validate(model):
@@ -117,16 +127,16 @@ def main(args):
         return loss, f"valid loss {loss:5.2f} | valid ppl {utils.safe_exp(loss):8.2f}", loss
 
     def save_best():
-        utils.save_task(args.save_full, model, "mlm_task", vocab.fingerprint)
+        utils.save_task(args.save_full, raw, "mlm_task", vocab.fingerprint)
 
     train_log, val_log = utils.fit(args, model, optimizer, scheduler, lambda epoch: blocks["train"],
                                    train_loss, validate, save_best)
 
-    utils.load_task(model, args.save_full, "mlm_task", vocab.fingerprint)
+    utils.load_task(raw, args.save_full, "mlm_task", vocab.fingerprint)
     test_loss = evaluate("test")
     utils.finish(args, f"test loss {test_loss:5.2f} | test ppl {utils.safe_exp(test_loss):8.2f}",
                  train_log, val_log, test_loss)
-    utils.save_encoder(args.save, model.bert_model, vocab.fingerprint,
+    utils.save_encoder(args.save, raw.bert_model, vocab.fingerprint,
                        test_loss=test_loss, test_ppl=math.exp(min(test_loss, 700)))
     utils.print0(f"| saved the encoder to {args.save}")
 

@@ -68,10 +68,10 @@ def main(args):
     tokenizer = data.Tokenizer()
     utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
     vocab = data.Vocab.load(args.save_vocab)
-    model = NextSentenceTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
+    raw = NextSentenceTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
     if args.checkpoint != "None":
-        utils.load_task(model, args.checkpoint, "ns_task", vocab.fingerprint)
-    model.to(device)
+        utils.load_task(raw, args.checkpoint, "ns_task", vocab.fingerprint)
+    model = utils.wrap_ddp(raw.to(device), args)
     sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
     corpus = data.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir)
 
@@ -90,12 +90,11 @@ def main(args):
 
     def train_batches(epoch):
         return data.Batches(*pairs("train", args.seed * 100 + epoch), batch_size=args.batch_size,
-                            shuffle=True, seed=args.seed, epoch=epoch)
+                            shuffle=True, seed=args.seed, epoch=epoch, **utils.shard(True))
 
     def evaluate(split):
-        batches = data.Batches(*fixed[split], batch_size=args.batch_size)
-        sums = utils.evaluate(model, batches, lambda m, b: ns_step(m, b, reduce=False),
-                              args.dry_run)
+        batches = data.Batches(*fixed[split], batch_size=args.batch_size, **utils.shard(False))
+        sums = utils.evaluate(model, batches, lambda m, b: ns_step(m, b, reduce=False), args)
         return sums["loss"] / sums["count"], 100.0 * sums["correct"] / sums["count"]
 
     def validate(model):
@@ -106,14 +105,14 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
     train_log, val_log = utils.fit(
         args, model, optimizer, scheduler, train_batches, ns_step, validate,
-        lambda: utils.save_task(args.save_full, model, "ns_task", vocab.fingerprint),
+        lambda: utils.save_task(args.save_full, raw, "ns_task", vocab.fingerprint),
         fmt=("8.5f", "5.2f"))
 
-    utils.load_task(model, args.save_full, "ns_task", vocab.fingerprint)
+    utils.load_task(raw, args.save_full, "ns_task", vocab.fingerprint)
     test_loss, test_acc = evaluate("test")
     utils.finish(args, f"test loss {test_loss:8.5f} | test ppl {utils.safe_exp(test_loss):8.5f} | "
                        f"test accuracy {test_acc:6.2f}%", train_log, val_log, test_loss)
-    utils.save_encoder(args.save, model.bert_model, vocab.fingerprint,
+    utils.save_encoder(args.save, raw.bert_model, vocab.fingerprint,
                        test_loss=test_loss, test_accuracy=test_acc)
     utils.print0(f"| saved the encoder to {args.save}")
 

@@ -107,7 +107,8 @@ class Evaluator:
                     + F.cross_entropy(e_logits[has], end[has], reduction="sum")) / 2
             return dict(loss=loss, count=has.sum())
 
-        sums = utils.evaluate(model, self.batches, step, self.args.dry_run)
+        # Every rank scores the whole file (no reduction), so all take the same decisions.
+        sums = utils.evaluate(model, self.batches, step, self.args, reduce=False)
         spans = torch.cat(decoded) if decoded else torch.zeros(0, 5)
         predictions = self.answers(spans)
         result = dict(loss=sums["loss"] / max(sums["count"], 1), predictions=predictions)
@@ -178,10 +179,10 @@ def main(args):
     tokenizer = data.Tokenizer()
     utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
     vocab = data.Vocab.load(args.save_vocab)
-    model = QuestionAnswerTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
+    raw = QuestionAnswerTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
     if args.checkpoint != "None":
-        utils.load_task(model, args.checkpoint, "qa_task", vocab.fingerprint)
-    model.to(device)
+        utils.load_task(raw, args.checkpoint, "qa_task", vocab.fingerprint)
+    model = utils.wrap_ddp(raw.to(device), args)
 
     train_path = squad_path(args, "train_file", "train-v1.1.json")
     dev_path = squad_path(args, "dev_file", "dev-v1.1.json")
@@ -201,10 +202,10 @@ def main(args):
     train_log, val_log = utils.fit(
         args, model, optimizer, scheduler,
         lambda epoch: data.Batches(*train, batch_size=args.batch_size, shuffle=True,
-                                   seed=args.seed, epoch=epoch),
-        qa_loss, validate, lambda: utils.save_task(args.save, model, "qa_task", vocab.fingerprint))
+                                   seed=args.seed, epoch=epoch, **utils.shard(True)),
+        qa_loss, validate, lambda: utils.save_task(args.save, raw, "qa_task", vocab.fingerprint))
 
-    utils.load_task(model, args.save, "qa_task", vocab.fingerprint)
+    utils.load_task(raw, args.save, "qa_task", vocab.fingerprint)
     final = Evaluator(args.test_file, args, tokenizer, vocab, device) if args.test_file else dev
     r = final(model)
     which = "test" if args.test_file else "dev"

@@ -3,9 +3,12 @@ train/evaluate loop and the original example's printouts.
 """
 import argparse
 import contextlib
+import datetime
 import math
 import os
 import random
+import re
+import socket
 import sys
 import tempfile
 import time
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 from model import BertModel
@@ -57,8 +62,14 @@ def base_parser(description, **defaults):
         help="vocabulary file (plain text, one token per line): read if it exists, else built "
              "from the training split and written here")
     add("--parallel", type=str, default="None", choices=["None", "DDP"],
-        help="'DDP' trains with DistributedDataParallel")
-    add("--world_size", type=int, default=8, help="number of processes for --parallel DDP")
+        help="'DDP' trains with DistributedDataParallel; under plain python it starts "
+             "--world_size processes on this machine (torchrun and srun start their own)")
+    add("--world_size", type=int, default=8,
+        help="processes that --parallel DDP starts under plain python")
+    add("--dist-timeout", type=int, default=600,
+        help="seconds to wait for the other processes of a DDP job before giving up")
+    add("--amp", type=str, default="none", choices=["none", "bf16", "fp16"],
+        help="mixed precision: bf16 or fp16 autocast (fp16 with a gradient scaler)")
     add("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
         help="where to train; auto takes CUDA when available")
     add("--data-dir", type=str, default=None,
@@ -97,25 +108,139 @@ def check_writable(*paths):
 
 
 def cli(main, parser, errors=()):
-    """Run main(args); a user mistake becomes one line on stderr and exit status 2."""
+    """Run main(args), in --world_size local processes for --parallel DDP under plain
+    python. A user mistake becomes one line on stderr and exit status 2."""
     args = parser.parse_args()
+    if args.parallel == "DDP" and launcher_env(os.environ) is None and args.world_size > 1:
+        port = free_port()
+        try:
+            mp.spawn(_spawned, args=(main, args, port, errors, parser.prog),
+                     nprocs=args.world_size, join=True)
+        except mp.ProcessExitedException as e:  # a rank failed; spawn has stopped the rest
+            sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
+        except mp.ProcessRaisedException as e:
+            print(f"{parser.prog}: error: a DDP process failed:\n{e}", file=sys.stderr)
+            sys.exit(1)
+        return
+    _run(main, args, errors, parser.prog)
+
+
+def _spawned(rank, main, args, port, errors, prog):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _run(main, args, errors, prog)
+
+
+def _run(main, args, errors, prog):
     try:
         main(args)
     except (UserError, *errors) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        if DIST.rank == 0:
+            print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:
+        if DIST.world == 1:
+            raise
+        # Another process of the job died or stopped answering: say so and stop, do not hang.
+        print(f"{prog}: error: rank {DIST.rank} lost the other processes of the job "
+              f"({str(e).splitlines()[0][:200]}); see their logs", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Dist:
+    """This process's place in a job; one process alone is rank 0 of 1."""
+    rank, world, local = 0, 1, 0
+
+
+DIST = Dist()  # set by setup(); read by print0, atomic_write and the loop helpers
+
+
+def first_slurm_host(nodelist):
+    """The first host of a SLURM node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    m = re.match(r"([^\[]*)\[([^\]]*)\]", first)
+    return m.group(1) + re.split(r"[-,]", m.group(2))[0] if m else first
+
+
+def launcher_env(env):
+    """(rank, world, local rank, address, port) set by torchrun or srun, else None."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500"))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
+        # one port per job, so that jobs sharing a node do not collide
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                int(env.get("SLURM_LOCALID", 0)), addr or "127.0.0.1", port)
+    return None
 
 
 def setup(args):
-    """Device, seeds and the DDP check; returns the torch.device to train on."""
-    if args.parallel == "DDP":
-        raise UserError("--parallel DDP is not supported by this version yet; "
-                        "run without it (one process)")
+    """Device, seeds and the process group; returns the torch.device to train on.
+
+    torchrun (RANK, WORLD_SIZE, LOCAL_RANK), srun (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID, first host of SLURM_JOB_NODELIST) and the processes cli() starts
+    all end here: NCCL with one GPU per process on CUDA, gloo on CPU.
+    """
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but CUDA is not available; use --device cpu")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    launch = launcher_env(os.environ)
+    if launch and launch[1] > 1:
+        rank, world, local, addr, port = launch
+        if use_cuda:
+            if local >= torch.cuda.device_count():
+                raise UserError(f"local rank {local} has no GPU ({torch.cuda.device_count()} "
+                                "visible); start one process per GPU")
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://{addr}:{port}",
+                                rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+        DIST.rank, DIST.world, DIST.local = rank, world, local
+        print0(f"| DDP: {world} processes, backend {dist.get_backend()}, rendezvous {addr}:{port}")
     seed_everything(args.seed)
-    return torch.device("cuda" if use_cuda else "cpu")
+    return device
+
+
+def wrap_ddp(model, args):
+    """DDP around model when distributed. Dropout then draws per rank."""
+    if DIST.world == 1:
+        return model
+    torch.manual_seed(args.seed + DIST.rank)
+    device_ids = [DIST.local] if next(model.parameters()).is_cuda else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard(train):
+    """Batches arguments that give this rank its share: equal shares in training."""
+    return dict(rank=DIST.rank, world=DIST.world, drop_last=train and DIST.world > 1)
+
+
+def all_sum(values):
+    """Sum a list of floats over the ranks (itself alone without DDP)."""
+    if DIST.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier():
+    if DIST.world > 1:
+        dist.barrier()
 
 
 def seed_everything(seed):
@@ -125,7 +250,8 @@ def seed_everything(seed):
 
 
 def print0(*a, **k):
-    print(*a, **k, flush=True)
+    if DIST.rank == 0:
+        print(*a, **k, flush=True)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -133,6 +259,8 @@ def print0(*a, **k):
 def atomic_write(path, write):
     """write(tmp) a temporary file beside path, then rename it over path: a crash never
     leaves a half-written file in place of a good one."""
+    if DIST.rank != 0:
+        return  # one writer per job
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -201,6 +329,7 @@ def save_task(path, model, kind, vocab_fingerprint):
 
 def load_task(model, path, kind, vocab_fingerprint):
     """Load a save_task checkpoint into model, refusing one of other sizes or vocabulary."""
+    barrier()  # the file may just have been written by rank 0
     ckpt = load_checkpoint(path, kind)
     if ckpt["vocab_fingerprint"] != vocab_fingerprint:
         raise UserError(f"{path} was trained with another vocabulary than the one loaded; "
@@ -222,28 +351,33 @@ def autocast(device, amp="none"):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def train_epoch(model, batches, loss_fn, optimizer, args, epoch, fmt=("5.2f", "8.2f")):
+def train_epoch(model, batches, loss_fn, optimizer, scaler, args, epoch, fmt=("5.2f", "8.2f")):
     """One pass over batches; loss_fn(model, batch) -> mean loss tensor. Returns mean loss.
 
-    Losses are summed on the device and read back only at log intervals, so the
-    training step never waits for the host. fmt: formats of the printed loss and ppl.
+    Losses are summed on the device and read back only at log intervals (averaged
+    over the ranks), so the training step never waits for the host.
+    fmt: formats of the printed loss and ppl.
     """
     model.train()
+    device = next(model.parameters()).device
     nbatches = len(batches)
-    total = interval = torch.zeros((), device=next(model.parameters()).device)
+    total = interval = torch.zeros((), device=device)
     count, start = 0, time.time()
     every = 1 if args.dry_run else args.log_interval
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
+        with autocast(device, args.amp):
+            loss = loss_fn(model, batch)
+        scaler.scale(loss).backward()
         if args.clip > 0:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        total, interval = total + loss.detach(), interval + loss.detach()
+        scaler.step(optimizer)
+        scaler.update()
+        total, interval = total + loss.detach().float(), interval + loss.detach().float()
         count += 1
         if count % every == 0:
-            cur = check_finite(interval.item() / every, epoch, count)
+            cur = check_finite(all_sum([interval.item()])[0] / every / DIST.world, epoch, count)
             ms = (time.time() - start) * 1000 / every
             print0(f"| epoch {epoch:3d} | {count:5d}/{nbatches:5d} batches | lr "
                    f"{optimizer.param_groups[0]['lr']:05.5f} | ms/batch {ms:5.2f} | "
@@ -251,7 +385,8 @@ def train_epoch(model, batches, loss_fn, optimizer, args, epoch, fmt=("5.2f", "8
             interval, start = torch.zeros_like(interval), time.time()
         if args.dry_run:
             break
-    return check_finite(total.item() / max(count, 1), epoch, count)
+    mean = all_sum([total.item()])[0] / max(count, 1) / DIST.world
+    return check_finite(mean, epoch, count)
 
 
 def check_finite(value, epoch, step):
@@ -266,16 +401,23 @@ def safe_exp(x):
 
 
 @torch.no_grad()
-def evaluate(model, batches, fn, dry_run=False):
-    """Sums over batches of fn(model, batch) -> {name: number or 0-d tensor}, as floats."""
+def evaluate(model, batches, fn, args, reduce=True):
+    """Sums over batches of fn(model, batch) -> {name: number or 0-d tensor}, as floats,
+    added up over the ranks when reduce (each rank then evaluated its own share)."""
+    model = getattr(model, "module", model)  # no DDP needed without gradients
     model.eval()
+    device = next(model.parameters()).device
     totals = {}
     for batch in batches:
-        for name, value in fn(model, batch).items():
+        with autocast(device, args.amp):
+            out = fn(model, batch)
+        for name, value in out.items():
             totals[name] = totals.get(name, 0) + value
-        if dry_run:
+        if args.dry_run:
             break
-    return {name: float(value) for name, value in totals.items()}
+    names = sorted(totals)
+    values = [float(totals[n]) for n in names]
+    return dict(zip(names, all_sum(values) if reduce else values))
 
 
 def fit(args, model, optimizer, scheduler, train_batches, loss_fn, validate, save_best,
@@ -287,10 +429,12 @@ def fit(args, model, optimizer, scheduler, train_batches, loss_fn, validate, sav
     save_best() is called whenever that value improves. Returns (train, valid) loss logs.
     """
     best, train_log, val_log = None, [], []
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type,
+                                  enabled=args.amp == "fp16")
     for epoch in range(1, args.epochs + 1):
         start = time.time()
-        train_log.append(train_epoch(model, train_batches(epoch), loss_fn, optimizer, args,
-                                     epoch, fmt))
+        train_log.append(train_epoch(model, train_batches(epoch), loss_fn, optimizer, scaler,
+                                     args, epoch, fmt))
         val_loss, summary, key = validate(model)
         val_log.append(val_loss)
         print0(LINE)

@@ -1,0 +1,127 @@
+"""DDP on CPU with gloo: spawn, torchrun and srun-style launches, equivalence with one
+process, and a job that loses a rank."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import ROOT, TINY, run_script, write_squad, write_wikitext
+
+NO_DROPOUT = ["--dropout", "0", "--epochs", "1", "--lr", "1"]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_first_slurm_host_and_launcher_env():
+    assert utils.first_slurm_host("gpu[03-05,9],cpu1") == "gpu03"
+    assert utils.first_slurm_host("node7") == "node7"
+    assert utils.first_slurm_host("a[1,2],b[3-4]") == "a1"
+    env = dict(SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_LOCALID="1",
+               SLURM_JOB_NODELIST="n[10-11]", SLURM_JOB_ID="123456")
+    assert utils.launcher_env(env) == (3, 8, 1, "n10", str(20000 + 123456 % 20000))
+    assert utils.launcher_env(dict(env, MASTER_ADDR="h", MASTER_PORT="7")) == (3, 8, 1, "h", "7")
+    assert utils.launcher_env(dict(env, SLURM_NTASKS="1")) is None  # one task: spawn mode
+    assert utils.launcher_env(dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")) == (1, 2, 1, "127.0.0.1", "29500")
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """One epoch of mlm_task.py: 1 process with batch 8 vs 2 processes (spawn) with 4 each.
+
+    The data, the masks and the loss normalisation are the same by construction, and
+    dropout is 0, so the only difference is the order of floating-point additions in
+    the gradient all-reduce: ~1e-7 relative per step. After an epoch of SGD steps the
+    weights agree to 1e-5 (they are O(1)).
+    """
+    wt = write_wikitext(tmp_path / "wt", (300, 40, 40))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    args = ["--data-dir", wt, *TINY, *NO_DROPOUT]
+    a = run_script("mlm_task.py", *args, "--batch_size", "8", cwd=one)
+    b = run_script("mlm_task.py", *args, "--batch_size", "4", "--parallel", "DDP",
+                   "--world_size", "2", cwd=two)
+    assert "DDP: 2 processes, backend gloo" in b.stdout
+    assert _max_diff(_weights(one / "full_mlm_model.pt"), _weights(two / "full_mlm_model.pt")) < 1e-5
+    valid = lambda out: [l for l in out.splitlines() if "valid loss" in l][0].split("|")[3]
+    assert valid(a.stdout) == valid(b.stdout)  # all-reduced validation: the same number
+
+
+def test_qa_under_torchrun_matches_one_process(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", cwd=tmp_path)
+    write_squad(tmp_path / "train.json", copies=16)  # 144 questions: 9 global batches of 16
+    write_squad(tmp_path / "dev.json", prefix="d")
+    qa = ["--bert-model", "mlm_bert.pt", "--train-file", "train.json", "--dev-file", "dev.json",
+          "--bptt", "48", "--log-interval", "1", *NO_DROPOUT]
+    run_script("qa_task.py", *qa, "--batch_size", "16", "--save", "one.pt",
+               "--predictions", "one.json", cwd=tmp_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(utils.free_port()), str(ROOT / "qa_task.py"), *qa,
+                           "--batch_size", "8", "--save", "two.pt", "--predictions", "two.json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("| end of epoch") == 1  # rank 0 alone prints
+    assert _max_diff(_weights(tmp_path / "one.pt"), _weights(tmp_path / "two.pt")) < 1e-5
+    assert (tmp_path / "one.json").read_text() == (tmp_path / "two.json").read_text()
+
+
+def _slurm_ranks(tmp_path, args, world=2, only=None):
+    """Start mlm_task.py as srun would: one process per task with SLURM_* variables."""
+    port = utils.free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SLURM_NTASKS=str(world), SLURM_JOB_ID=str(port),
+               SLURM_JOB_NODELIST="localhost")
+    env.pop("MASTER_PORT", None)
+    env["MASTER_PORT"] = str(port)  # the derived port may be taken on a shared machine
+    procs = []
+    for rank in range(world) if only is None else only:
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "mlm_task.py"), *map(str, args)], cwd=tmp_path,
+            env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_fake_slurm_job_joins(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
+    procs = _slurm_ranks(tmp_path, ["--data-dir", wt, *TINY, "--dry-run"])
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "DDP: 2 processes, backend gloo, rendezvous localhost:" in outs[0][0]
+    assert outs[1][0] == ""  # only rank 0 prints
+    assert (tmp_path / "mlm_bert.pt").is_file()
+
+
+def test_a_dead_rank_stops_the_job(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (3000, 30, 30))
+    args = ["--data-dir", wt, *TINY, "--log-interval", "1", "--epochs", "50", "--dist-timeout", "30"]
+    rank0, rank1 = _slurm_ranks(tmp_path, args)
+    line = ""
+    while "| epoch" not in line:
+        line = rank0.stdout.readline()
+        assert line or rank0.poll() is None, rank0.stderr.read()
+    rank1.send_signal(signal.SIGKILL)
+    start = time.time()
+    rank0.wait(timeout=120)
+    assert rank0.returncode not in (0, None)
+    assert time.time() - start < 60
+    assert "lost the other processes" in rank0.stderr.read()
+
+
+def test_a_rank_that_never_joins_times_out(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (100, 30, 30))
+    (rank0,) = _slurm_ranks(tmp_path, ["--data-dir", wt, *TINY, "--dry-run", "--dist-timeout", "5"],
+                            only=[0])
+    start = time.time()
+    rank0.wait(timeout=120)
+    assert rank0.returncode != 0 and time.time() - start < 90
