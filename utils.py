@@ -197,7 +197,7 @@ def setup(args):
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     launch = launcher_env(os.environ)
-    if launch and launch[1] > 1:
+    if launch and (launch[1] > 1 or args.parallel == "DDP"):
         rank, world, local, addr, port = launch
         if use_cuda:
             if local >= torch.cuda.device_count():
@@ -216,7 +216,7 @@ def setup(args):
 
 def wrap_ddp(model, args):
     """DDP around model when distributed. Dropout then draws per rank."""
-    if DIST.world == 1:
+    if not dist.is_initialized():
         return model
     torch.manual_seed(args.seed + DIST.rank)
     device_ids = [DIST.local] if next(model.parameters()).is_cuda else None
