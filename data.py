@@ -21,8 +21,11 @@ import numpy as np
 import torch
 
 try:  # torchtext 0.18 imports only beside torch 2.3.x; elsewhere its C++ library fails
+    import torchtext
+    torchtext.disable_torchtext_deprecation_warning()  # we know; that is why it is optional
     from torchtext.data.utils import get_tokenizer as _tt_get_tokenizer
     from torchtext.vocab import build_vocab_from_iterator as _tt_build_vocab
+    from torchtext.vocab import vocab as _tt_vocab
     HAS_TORCHTEXT = True
 except (ImportError, OSError, RuntimeError):
     HAS_TORCHTEXT = False
@@ -62,8 +65,8 @@ class Tokenizer:
 
     name = "basic_english"
 
-    def __init__(self):
-        self._split = _tt_get_tokenizer("basic_english") if HAS_TORCHTEXT else basic_english
+    def __init__(self, backend=BACKEND):
+        self._split = _tt_get_tokenizer("basic_english") if backend == "torchtext" else basic_english
 
     def __call__(self, text):
         return self._split(text)
@@ -105,9 +108,13 @@ def _align(text, tok, pos):
 # --------------------------------------------------------------------------- vocabulary
 
 class Vocab:
-    """Token <-> id map with the specials first; unknown tokens map to <unk>."""
+    """Token <-> id map with the specials first; unknown tokens map to <unk>.
 
-    def __init__(self, itos):
+    Backed by a torchtext.vocab.Vocab where torchtext imports (backend 'torchtext'),
+    by a dict otherwise ('builtin'); both give the same ids.
+    """
+
+    def __init__(self, itos, backend=BACKEND):
         self.itos = list(itos)
         if self.itos[:len(SPECIALS)] != SPECIALS:
             raise DataError(f"vocabulary must start with the specials {SPECIALS}")
@@ -115,6 +122,10 @@ class Vocab:
         if len(self.stoi) != len(self.itos):
             raise DataError("vocabulary has a token twice")
         self.fingerprint = hashlib.sha256("\n".join(self.itos).encode()).hexdigest()
+        self._tt = None
+        if backend == "torchtext":
+            self._tt = _tt_vocab(collections.OrderedDict((t, 1) for t in self.itos), min_freq=1)
+            self._tt.set_default_index(UNK)
 
     def __len__(self):
         return len(self.itos)
@@ -123,20 +134,22 @@ class Vocab:
         return self.stoi.get(token, UNK)
 
     def lookup_indices(self, tokens):
+        if self._tt is not None:
+            return self._tt.lookup_indices(list(tokens))
         get = self.stoi.get
         return [get(t, UNK) for t in tokens]
 
     @classmethod
-    def build(cls, token_lists):
+    def build(cls, token_lists, backend=BACKEND):
         """Specials, then tokens by descending count, ties in string order (as torchtext)."""
-        if HAS_TORCHTEXT:
+        if backend == "torchtext":
             tt = _tt_build_vocab(token_lists, specials=SPECIALS, special_first=True)
-            return cls(tt.get_itos())
+            return cls(tt.get_itos(), backend)
         counter = collections.Counter()
         for tokens in token_lists:
             counter.update(tokens)
         ordered = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
-        return cls(SPECIALS + [t for t, _ in ordered if t not in SPECIALS])
+        return cls(SPECIALS + [t for t, _ in ordered if t not in SPECIALS], backend)
 
     def to_text(self):
         """The file format: a header line, then one token per line in id order."""

@@ -21,7 +21,7 @@ from model import MLMTask, count_parameters
 
 def build_parser():
     p = utils.base_parser("BERT masked-LM pretraining", lr=6.0, clip=0.1, epochs=8, batch_size=32,
-                          log_interval=10, save="mlm_bert.pt")
+                          log_interval=10, save="mlm_bert.pt", state="mlm_state.pt")
     add = p.add_argument
     add("--emsize", type=int, default=768, help="size of word embeddings")
     add("--nhid", type=int, default=3072, help="number of hidden units per layer")
@@ -33,8 +33,6 @@ def build_parser():
         help="'mask': every masked token becomes <MASK> (the original); "
              "'bert': 80%% <MASK>, 10%% a random word, 10%% unchanged")
     utils.add_corpus_flags(p, "WikiText2", data.DATASETS, "MLM")
-    add("--checkpoint", type=str, default="None",
-        help="a full_mlm_model.pt to start from instead of random weights")
     add("--save-full", type=str, default="full_mlm_model.pt",
         help="where to keep the best full model (encoder and MLM head)")
     add("--loss-log", type=str, default="mlm_loss.txt", help="the loss log written at the end")
@@ -104,16 +102,14 @@ def main(args):
         utils.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
 
     raw = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout)
-    if args.checkpoint != "None":
-        utils.load_task(raw, args.checkpoint, "mlm_task", vocab.fingerprint)
     raw.to(device)
     utils.print0(f"| model: {count_parameters(raw):,} parameters")
     model = utils.wrap_ddp(raw, args)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
-    train_loss = mlm_loss(args.mask_frac, args.mask_mode, len(vocab),
-                          torch.Generator(device=device).manual_seed(args.seed % 2**63))
+    masks = torch.Generator(device=device).manual_seed(args.seed % 2**63)
+    train_loss = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), masks)
 
     def evaluate(split):
         # The same masks at every evaluation, so valid losses compare across epochs.
@@ -129,8 +125,9 @@ def main(args):
     def save_best():
         utils.save_task(args.save_full, raw, "mlm_task", vocab.fingerprint)
 
-    train_log, val_log = utils.fit(args, model, optimizer, scheduler, lambda epoch: blocks["train"],
-                                   train_loss, validate, save_best)
+    train_log, val_log = utils.Trainer(
+        args, model, optimizer, scheduler, train_loss, lambda epoch: blocks["train"], validate,
+        save_best, "mlm_task", vocab.fingerprint, generators=[masks]).fit()
 
     utils.load_task(raw, args.save_full, "mlm_task", vocab.fingerprint)
     test_loss = evaluate("test")

@@ -21,7 +21,8 @@ from model import NextSentenceTask
 
 def build_parser():
     p = utils.base_parser("BERT next-sentence pretraining", lr=0.25, clip=0.1, epochs=5,
-                          batch_size=24, log_interval=600, save="ns_bert.pt", seed=312216194)
+                          batch_size=24, log_interval=600, save="ns_bert.pt", seed=312216194,
+                          state="ns_state.pt")
     add = p.add_argument
     utils.add_corpus_flags(p, "WikiText103", data.DATASETS, "next-sentence")
     add("--min_sentence_len", type=int, default=60,
@@ -31,8 +32,6 @@ def build_parser():
     add("--dropout", type=float, default=None,
         help="dropout of the encoder (default: the value it was pretrained with)")
     add("--cuda", action="store_true", help="same as --device cuda (the original's flag)")
-    add("--checkpoint", type=str, default="None",
-        help="an ns_model.pt to start from instead of --bert-model plus a new classifier")
     add("--save-full", type=str, default="ns_model.pt",
         help="where to keep the best full model (encoder and classifier)")
     add("--loss-log", type=str, default="ns_loss.txt", help="the loss log written at the end")
@@ -69,8 +68,6 @@ def main(args):
     utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
     vocab = data.Vocab.load(args.save_vocab)
     raw = NextSentenceTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
-    if args.checkpoint != "None":
-        utils.load_task(raw, args.checkpoint, "ns_task", vocab.fingerprint)
     model = utils.wrap_ddp(raw.to(device), args)
     sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
     corpus = data.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir)
@@ -103,10 +100,10 @@ def main(args):
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
-    train_log, val_log = utils.fit(
-        args, model, optimizer, scheduler, train_batches, ns_step, validate,
+    train_log, val_log = utils.Trainer(
+        args, model, optimizer, scheduler, ns_step, train_batches, validate,
         lambda: utils.save_task(args.save_full, raw, "ns_task", vocab.fingerprint),
-        fmt=("8.5f", "5.2f"))
+        "ns_task", vocab.fingerprint, fmt=("8.5f", "5.2f")).fit()
 
     utils.load_task(raw, args.save_full, "ns_task", vocab.fingerprint)
     test_loss, test_acc = evaluate("test")

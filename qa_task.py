@@ -25,7 +25,7 @@ from model import QuestionAnswerTask
 def build_parser():
     p = utils.base_parser("BERT fine-tuning for SQuAD v1.1 question answering", lr=5.0, clip=0.1,
                           epochs=2, batch_size=72, log_interval=200, save="qa_model.pt",
-                          seed=21192391)
+                          seed=21192391, state="qa_state.pt")
     add = p.add_argument
     add("--bert-model", type=str, default="ns_bert.pt", help="the encoder written by ns_task.py "
         "(or mlm_task.py)")
@@ -41,7 +41,6 @@ def build_parser():
     add("--max-answer-len", type=int, default=30, help="longest answer considered, in tokens")
     add("--dropout", type=float, default=None,
         help="dropout of the encoder (default: the value it was pretrained with)")
-    add("--checkpoint", type=str, default="None", help="a qa_model.pt to start from")
     add("--predictions", type=str, default="predictions.json",
         help="where to write the final answers, {question id: text}")
     add("--loss-log", type=str, default="qa_loss.txt", help="the loss log written at the end")
@@ -180,8 +179,6 @@ def main(args):
     utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
     vocab = data.Vocab.load(args.save_vocab)
     raw = QuestionAnswerTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
-    if args.checkpoint != "None":
-        utils.load_task(raw, args.checkpoint, "qa_task", vocab.fingerprint)
     model = utils.wrap_ddp(raw.to(device), args)
 
     train_path = squad_path(args, "train_file", "train-v1.1.json")
@@ -199,11 +196,12 @@ def main(args):
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
-    train_log, val_log = utils.fit(
-        args, model, optimizer, scheduler,
+    train_log, val_log = utils.Trainer(
+        args, model, optimizer, scheduler, qa_loss,
         lambda epoch: data.Batches(*train, batch_size=args.batch_size, shuffle=True,
                                    seed=args.seed, epoch=epoch, **utils.shard(True)),
-        qa_loss, validate, lambda: utils.save_task(args.save, raw, "qa_task", vocab.fingerprint))
+        validate, lambda: utils.save_task(args.save, raw, "qa_task", vocab.fingerprint),
+        "qa_task", vocab.fingerprint).fit()
 
     utils.load_task(raw, args.save, "qa_task", vocab.fingerprint)
     final = Evaluator(args.test_file, args, tokenizer, vocab, device) if args.test_file else dev

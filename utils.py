@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -76,6 +77,18 @@ def base_parser(description, **defaults):
         help="folder with the data set's files; None means .data/<dataset>, where missing files "
              "are downloaded")
     add("--dry-run", action="store_true", help="run one batch of each split, then stop")
+    add("--checkpoint", type=str, default="None",
+        help="start from this file: a full model this script wrote (its weights), or a state "
+             "file (the whole run: weights, optimizer, epoch, step, random states)")
+    add("--resume", action="store_true",
+        help="if --state-file exists, continue the run it holds (what a requeued job wants)")
+    add("--state-file", type=str, default=defaults["state"],
+        help="where the run's state is saved: at every epoch end, every --save-every batches "
+             "and on SIGTERM/SIGUSR1 ('' disables); removed when the run ends well")
+    add("--save-every", type=int, default=0, metavar="N",
+        help="also save the state every N batches (0: at epoch ends only)")
+    add("--skip-nonfinite", action="store_true",
+        help="skip a step whose loss is NaN or infinite instead of stopping the run")
     return p
 
 
@@ -134,6 +147,8 @@ def _spawned(rank, main, args, port, errors, prog):
 def _run(main, args, errors, prog):
     try:
         main(args)
+    except Stopped as e:
+        sys.exit(128 + e.signum)  # the shell's convention for "ended by a signal"
     except (UserError, *errors) as e:
         if DIST.rank == 0:
             print(f"{prog}: error: {e}", file=sys.stderr)
@@ -282,7 +297,8 @@ def atomic_write_text(path, text):
 
 
 def load_checkpoint(path, kind, map_location="cpu"):
-    """Load a checkpoint of this project (tensors and plain data only) and check its kind."""
+    """Load a checkpoint of this project (tensors and plain data only) and check its kind
+    (a name, or a tuple of the names accepted)."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} not found; pass the file written by the previous step")
     try:
@@ -292,9 +308,12 @@ def load_checkpoint(path, kind, map_location="cpu"):
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "bert-example":
         raise UserError(f"{path} is not a checkpoint written by this project")
-    if ckpt.get("kind") != kind:
-        raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint where {kind!r} is "
-                        f"expected (pass the encoder file, e.g. mlm_bert.pt, not the full task)")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if ckpt.get("kind") not in kinds:
+        hint = ("pass the encoder file, e.g. mlm_bert.pt, not the full task" if kinds == ("encoder",)
+                else "pass a file this script wrote")
+        raise UserError(f"{path} holds a {ckpt.get('kind')!r} checkpoint where "
+                        f"{' or '.join(map(repr, kinds))} is expected ({hint})")
     return ckpt
 
 
@@ -327,18 +346,23 @@ def save_task(path, model, kind, vocab_fingerprint):
                      vocab_fingerprint=vocab_fingerprint), path)
 
 
-def load_task(model, path, kind, vocab_fingerprint):
-    """Load a save_task checkpoint into model, refusing one of other sizes or vocabulary."""
-    barrier()  # the file may just have been written by rank 0
-    ckpt = load_checkpoint(path, kind)
+def check_fit(ckpt, path, config, vocab_fingerprint):
+    """Refuse a checkpoint made for another vocabulary or other model sizes."""
     if ckpt["vocab_fingerprint"] != vocab_fingerprint:
         raise UserError(f"{path} was trained with another vocabulary than the one loaded; "
                         "pass the matching --save-vocab file")
-    mine = {k: v for k, v in model.bert_model.config.items() if k != "dropout"}
+    mine = {k: v for k, v in config.items() if k != "dropout"}
     theirs = {k: v for k, v in ckpt["config"].items() if k != "dropout"}
     if mine != theirs:
         raise UserError(f"{path} holds a model of other sizes ({theirs}) than this one ({mine}); "
                         "pass the flags it was trained with")
+
+
+def load_task(model, path, kind, vocab_fingerprint):
+    """Load a save_task checkpoint into model, refusing one of other sizes or vocabulary."""
+    barrier()  # the file may just have been written by rank 0
+    ckpt = load_checkpoint(path, kind)
+    check_fit(ckpt, path, model.bert_model.config, vocab_fingerprint)
     model.load_state_dict(ckpt["model"])
     return ckpt
 
@@ -349,51 +373,6 @@ def autocast(device, amp="none"):
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def train_epoch(model, batches, loss_fn, optimizer, scaler, args, epoch, fmt=("5.2f", "8.2f")):
-    """One pass over batches; loss_fn(model, batch) -> mean loss tensor. Returns mean loss.
-
-    Losses are summed on the device and read back only at log intervals (averaged
-    over the ranks), so the training step never waits for the host.
-    fmt: formats of the printed loss and ppl.
-    """
-    model.train()
-    device = next(model.parameters()).device
-    nbatches = len(batches)
-    total = interval = torch.zeros((), device=device)
-    count, start = 0, time.time()
-    every = 1 if args.dry_run else args.log_interval
-    for batch in batches:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, args.amp):
-            loss = loss_fn(model, batch)
-        scaler.scale(loss).backward()
-        if args.clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        scaler.step(optimizer)
-        scaler.update()
-        total, interval = total + loss.detach().float(), interval + loss.detach().float()
-        count += 1
-        if count % every == 0:
-            cur = check_finite(all_sum([interval.item()])[0] / every / DIST.world, epoch, count)
-            ms = (time.time() - start) * 1000 / every
-            print0(f"| epoch {epoch:3d} | {count:5d}/{nbatches:5d} batches | lr "
-                   f"{optimizer.param_groups[0]['lr']:05.5f} | ms/batch {ms:5.2f} | "
-                   f"loss {cur:{fmt[0]}} | ppl {safe_exp(cur):{fmt[1]}}")
-            interval, start = torch.zeros_like(interval), time.time()
-        if args.dry_run:
-            break
-    mean = all_sum([total.item()])[0] / max(count, 1) / DIST.world
-    return check_finite(mean, epoch, count)
-
-
-def check_finite(value, epoch, step):
-    if not math.isfinite(value):
-        raise UserError(f"training loss became {value} in epoch {epoch} by batch {step}; "
-                        "lower --lr or --clip")
-    return value
 
 
 def safe_exp(x):
@@ -420,34 +399,183 @@ def evaluate(model, batches, fn, args, reduce=True):
     return dict(zip(names, all_sum(values) if reduce else values))
 
 
-def fit(args, model, optimizer, scheduler, train_batches, loss_fn, validate, save_best,
-        fmt=("5.2f", "8.2f")):
-    """The original's epoch loop: train, validate, keep the best, decay lr when no better.
+class Stopped(Exception):
+    """Raised after a signal asked the run to stop and its state was saved."""
 
-    train_batches(epoch) -> batches; validate(model) -> (valid loss, text after
+    def __init__(self, signum):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+class Trainer:
+    """The original's epoch loop: train, validate, keep the best, divide the learning
+    rate by 10 when validation does not improve. Resumable between any two steps.
+
+    loss_fn(model, batch) -> mean loss tensor; train_batches(epoch) -> batches, the
+    same for the same epoch in every run; validate(model) -> (valid loss, text after
     'time: ...s | ' in the end-of-epoch line, value to minimise for the best model);
-    save_best() is called whenever that value improves. Returns (train, valid) loss logs.
+    save_best() runs whenever that value improves. generators: the torch.Generators
+    that loss_fn draws from, saved with the state.
+
+    The state (model, optimizer, scheduler, epoch and step, random states, best value
+    and loss logs) goes to --state-file at every epoch end, every --save-every steps,
+    and when SIGTERM or SIGUSR1 arrives (then the run stops with status 128 + signal).
     """
-    best, train_log, val_log = None, [], []
-    scaler = torch.amp.GradScaler(next(model.parameters()).device.type,
-                                  enabled=args.amp == "fp16")
-    for epoch in range(1, args.epochs + 1):
+
+    def __init__(self, args, model, optimizer, scheduler, loss_fn, train_batches, validate,
+                 save_best, kind, fingerprint, generators=(), fmt=("5.2f", "8.2f")):
+        self.args, self.model, self.raw = args, model, getattr(model, "module", model)
+        self.optimizer, self.scheduler, self.loss_fn = optimizer, scheduler, loss_fn
+        self.train_batches, self.validate, self.save_best = train_batches, validate, save_best
+        self.kind, self.fingerprint, self.generators, self.fmt = kind, fingerprint, generators, fmt
+        self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.epoch, self.step, self.sums = 1, 0, [0.0, 0.0]  # next epoch; its steps done; loss sums
+        self.best, self.train_log, self.val_log = None, [], []
+        self.signal = None
+        self._start_from(args)
+
+    # ---------------------------------------------------------------- state
+    def _start_from(self, args):
+        path = None if args.checkpoint == "None" else args.checkpoint
+        if path is None and args.resume and Path(args.state_file).is_file():
+            path = args.state_file
+        if path is None:
+            return
+        ckpt = load_checkpoint(path, (self.kind, self.kind + "_state"))
+        check_fit(ckpt, path, self.raw.bert_model.config, self.fingerprint)
+        self.raw.load_state_dict(ckpt["model"])
+        if ckpt["kind"] == self.kind:
+            print0(f"| starting from the weights in {path}")
+            return
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step, self.sums = ckpt["epoch"], ckpt["step"], list(ckpt["sums"])
+        self.best, self.train_log, self.val_log = ckpt["best"], ckpt["train_log"], ckpt["val_log"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        for gen, state in zip(self.generators, ckpt["rng"]["generators"]):
+            gen.set_state(state)
+        if DIST.world > 1:  # dropout draws per rank; rank 0's state was saved
+            torch.manual_seed(self.args.seed + DIST.rank + 7919 * (self.epoch * 100003 + self.step))
+        print0(f"| resuming from {path}: epoch {self.epoch}, {self.step} batches done")
+
+    def save_state(self):
+        if not self.args.state_file:
+            return
+        rng = dict(torch=torch.get_rng_state(), generators=[g.get_state() for g in self.generators])
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        atomic_save(dict(format="bert-example", version=CHECKPOINT_VERSION,
+                         kind=self.kind + "_state", config=dict(self.raw.bert_model.config),
+                         vocab_fingerprint=self.fingerprint, model=self.raw.state_dict(),
+                         optimizer=self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                         epoch=self.epoch, step=self.step, sums=self.sums, best=self.best,
+                         train_log=self.train_log, val_log=self.val_log, rng=rng),
+                    self.args.state_file)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self):
+        """Run the remaining epochs; returns the (train, valid) loss logs."""
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            while self.epoch <= self.args.epochs:
+                start = time.time()
+                self.train_log.append(self.train_epoch(self.epoch))
+                val_loss, summary, key = self.validate(self.model)
+                self.val_log.append(val_loss)
+                print0(LINE)
+                print0(f"| end of epoch {self.epoch:3d} | time: {time.time() - start:5.2f}s "
+                       f"| {summary}")
+                print0(LINE)
+                if self.best is None or key < self.best:
+                    self.best = key
+                    self.save_best()
+                else:
+                    self.scheduler.step()
+                self.epoch, self.step, self.sums = self.epoch + 1, 0, [0.0, 0.0]
+                if self.args.dry_run:
+                    break
+                self.save_state()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        return self.train_log, self.val_log
+
+    def _on_signal(self, signum, frame):
+        self.signal = signum  # acted on at the next step boundary
+        print(f"| rank {DIST.rank}: signal {signum} received, stopping after this step",
+              file=sys.stderr, flush=True)
+
+    def train_epoch(self, epoch):
+        """Train one epoch from self.step on; returns its mean loss over the ranks.
+
+        Losses are summed on the device and read back at log intervals only, so a
+        step never waits for the host; a non-finite loss is caught there, named with
+        the step it first appeared in (or skipped at once with --skip-nonfinite).
+        """
+        args, model, opt = self.args, self.model, self.optimizer
+        model.train()
+        batches = self.train_batches(epoch)
+        nbatches, every = len(batches), 1 if args.dry_run else args.log_interval
+        total, counted = torch.zeros((), device=self.device), 0
+        interval, first_bad = torch.zeros_like(total), torch.full((), -1, device=self.device)
         start = time.time()
-        train_log.append(train_epoch(model, train_batches(epoch), loss_fn, optimizer, scaler,
-                                     args, epoch, fmt))
-        val_loss, summary, key = validate(model)
-        val_log.append(val_loss)
-        print0(LINE)
-        print0(f"| end of epoch {epoch:3d} | time: {time.time() - start:5.2f}s | {summary}")
-        print0(LINE)
-        if best is None or key < best:
-            best = key
-            save_best()
-        else:
-            scheduler.step()
-        if args.dry_run:
-            break
-    return train_log, val_log
+        for i, batch in enumerate(batches):
+            if i < self.step:
+                continue  # done before the run was stopped
+            opt.zero_grad(set_to_none=True)
+            with autocast(self.device, args.amp):
+                loss = self.loss_fn(model, batch).float()
+            finite = torch.isfinite(loss)
+            if args.skip_nonfinite and not finite:
+                print0(f"| epoch {epoch:3d} | batch {i + 1}: loss {loss.item()}, step skipped")
+            else:
+                self.scaler.scale(loss).backward()
+                if args.clip > 0:
+                    self.scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                self.scaler.step(opt)
+                self.scaler.update()
+                first_bad = torch.where(~finite & (first_bad < 0), i + 1, first_bad)
+                total, interval = total + loss.detach(), interval + loss.detach()
+                counted += 1
+            self.step = i + 1
+            if self.step % every == 0:
+                self._check(first_bad, epoch)
+                cur = all_sum([interval.item()])[0] / every / DIST.world
+                ms = (time.time() - start) * 1000 / every
+                print0(f"| epoch {epoch:3d} | {self.step:5d}/{nbatches:5d} batches | lr "
+                       f"{opt.param_groups[0]['lr']:05.5f} | ms/batch {ms:5.2f} | "
+                       f"loss {cur:{self.fmt[0]}} | ppl {safe_exp(cur):{self.fmt[1]}}")
+                interval, start = torch.zeros_like(interval), time.time()
+            if args.dry_run:
+                break
+            stop = self.signal is not None
+            if DIST.world > 1:
+                stop = all_sum([float(stop)])[0] > 0
+            if stop or (args.save_every and self.step % args.save_every == 0):
+                self._check(first_bad, epoch)
+                self.sums = [self.sums[0] + total.item(), self.sums[1] + counted]
+                total, counted = torch.zeros_like(total), 0
+                self.save_state()
+                if stop:
+                    print0(f"| stopped at epoch {epoch}, batch {self.step}; state saved to "
+                           f"{args.state_file}: run the same command with --resume to go on")
+                    raise Stopped(self.signal or signal.SIGTERM)
+        self._check(first_bad, epoch)
+        loss_sum, count = all_sum([self.sums[0] + total.item(), self.sums[1] + counted])
+        return loss_sum / max(count, 1)
+
+    def _check(self, first_bad, epoch):
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise UserError(f"the training loss became NaN or infinite at epoch {epoch}, batch "
+                            f"{bad}; lower --lr, --clip or use --amp none, or pass "
+                            "--skip-nonfinite to skip such steps")
 
 
 def finish(args, summary, train_log, val_log, test_loss):
@@ -456,6 +584,8 @@ def finish(args, summary, train_log, val_log, test_loss):
     print0(f"| End of training | {summary}")
     print0(DOUBLE_LINE)
     print_loss_log(args.loss_log, train_log, val_log, test_loss, args)
+    if args.state_file and DIST.rank == 0 and not args.dry_run:
+        Path(args.state_file).unlink(missing_ok=True)  # the run is complete: nothing to resume
 
 
 def print_loss_log(file_name, train_loss, val_loss, test_loss, args=None):

@@ -1,0 +1,219 @@
+"""No lost work, no code from data, clear errors: resume after SIGKILL, stop on signals,
+non-finite losses, atomic writes, and a table of bad inputs."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import data
+import utils
+from conftest import ROOT, TINY, run_script, write_squad, write_wikitext
+from model import MLMTask
+
+RUN = ["--epochs", "2", "--lr", "1", "--dropout", "0.1", "--log-interval", "1", "--save-every", "5"]
+
+
+def _start(tmp_path, wt, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "mlm_task.py"), "--data-dir", str(wt), *TINY,
+                             *RUN, *extra], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(proc, text):
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} never printed: {proc.stderr.read()}")
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _epochs(log_path):
+    return [l for l in log_path.read_text().splitlines() if l.startswith(("epoch", "test"))]
+
+
+def test_killed_and_stopped_runs_resume_to_the_same_weights(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (300, 40, 40))
+    runs = {name: tmp_path / name for name in ("whole", "killed", "stopped")}
+    for d in runs.values():
+        d.mkdir()
+    whole = _start(runs["whole"], wt)
+    # SIGKILL in the middle of epoch 1, after the state of batch 10 was saved
+    killed = _start(runs["killed"], wt)
+    _wait_for(killed, "| epoch   1 |    12/")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (runs["killed"] / "mlm_state.pt").is_file() and not (runs["killed"] / "mlm_bert.pt").exists()
+    # SIGUSR1 (SLURM's warning before the time limit) in epoch 2: saved at the next step
+    stopped = _start(runs["stopped"], wt)
+    _wait_for(stopped, "| epoch   2 |     3/")
+    stopped.send_signal(signal.SIGUSR1)
+    out, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 128 + signal.SIGUSR1, err
+    assert "state saved to mlm_state.pt: run the same command with --resume" in out
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    for name in ("killed", "stopped"):
+        resumed = run_script("mlm_task.py", "--data-dir", wt, *TINY, *RUN, "--resume", cwd=runs[name])
+        assert "| resuming from mlm_state.pt: epoch" in resumed.stdout
+        for f in ("full_mlm_model.pt", "mlm_bert.pt"):  # bitwise, on CPU
+            assert _same(_weights(runs["whole"] / f), _weights(runs[name] / f)), (name, f)
+        assert _epochs(runs["whole"] / "mlm_loss.txt") == _epochs(runs[name] / "mlm_loss.txt")
+        assert not (runs[name] / "mlm_state.pt").exists()  # the run is complete
+
+
+def test_sigterm_stops_cleanly(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (300, 40, 40))
+    proc = _start(tmp_path, wt, "--save-every", "0")
+    _wait_for(proc, "| epoch   1 |     2/")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    state = torch.load(tmp_path / "mlm_state.pt", weights_only=True)
+    assert state["kind"] == "mlm_task_state" and state["epoch"] == 1 and state["step"] >= 2
+
+
+def _trainer(tmp_path, loss_values, **flags):
+    torch.manual_seed(0)
+    model = MLMTask(20, 8, 2, 16, 1, 0.0)
+    args = argparse.Namespace(**{**dict(amp="none", clip=0.5, dry_run=False, log_interval=2, epochs=1,
+                                        checkpoint="None", resume=False, state_file="",
+                                        save_every=0, skip_nonfinite=False, seed=0), **flags})
+    values = iter(loss_values)
+
+    def loss_fn(model, batch):
+        return model(batch).mean() * 0 + next(values)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    trainer = utils.Trainer(args, model, opt, sched, loss_fn, lambda e: [torch.ones(2, 3, dtype=torch.long)] * 4,
+                            lambda m: (1.0, "ok", 1.0), lambda: None, "mlm_task", "fp")
+    return trainer
+
+
+def test_nonfinite_loss_stops_naming_the_batch(tmp_path):
+    with pytest.raises(utils.UserError, match="NaN or infinite at epoch 1, batch 3"):
+        _trainer(tmp_path, [1.0, 2.0, float("nan"), 1.0]).fit()
+
+
+def test_nonfinite_loss_can_be_skipped(tmp_path, capsys):
+    train_log, _ = _trainer(tmp_path, [1.0, float("inf"), 3.0, 5.0], skip_nonfinite=True).fit()
+    assert train_log == [3.0]  # the mean of the three finite steps
+    assert "batch 2: loss inf, step skipped" in capsys.readouterr().out
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "mlm_bert.pt"
+    target.write_bytes(b"good")
+
+    def broken_save(obj, path):
+        open(path, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        utils.atomic_save({"x": 1}, target)
+    assert target.read_bytes() == b"good" and os.listdir(tmp_path) == ["mlm_bert.pt"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_a_checkpoint_with_code_is_refused_unrun(tmp_path):
+    torch.save({"format": "bert-example", "kind": "encoder", "x": Payload()}, tmp_path / "evil.pt")
+    os.chdir(tmp_path)
+    with pytest.raises(utils.UserError, match="not a checkpoint this project can read"):
+        utils.load_checkpoint(tmp_path / "evil.pt", "encoder")
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+# ----------------------------------------------------------------- the bad-input table
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A finished tiny mlm run, a SQuAD pair and broken files, shared by the cases."""
+    d = tmp_path_factory.mktemp("bad")
+    wt = write_wikitext(d / "wt", (200, 40, 40))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", cwd=d)
+    write_squad(d / "train.json", copies=2)
+    write_squad(d / "dev.json", prefix="d")
+    (d / "empty").mkdir()
+    write_wikitext(d / "emptyvalid", (200, 0, 40))
+    (d / "zip").mkdir()
+    (d / "zip" / "wikitext-2-v1.zip").write_bytes(b"PK\x03\x04 cut short")
+    (d / "bad.json").write_text('{"data": [{"paragraphs": [')
+    (d / "moved.json").write_text('{"data": [{"paragraphs": [{"context": "abc def", "qas": [{"id": "x", '
+                                  '"question": "q?", "answers": [{"text": "def", "answer_start": 0}]}]}]}]}')
+    (d / "othervocab.txt").write_text(data.VOCAB_HEADER + "\n" + "\n".join(data.SPECIALS + ["zz"]) + "\n")
+    (d / "corrupt_vocab.pt").write_bytes(b"\x80\x04\x95 pickled vocabulary")
+    torch.save({"format": "bert-example", "kind": "encoder", "x": Payload()}, d / "evil.pt")
+    (d / "afolder").mkdir()
+    return d
+
+
+QA = ["--train-file", "train.json", "--dev-file", "dev.json", "--bert-model", "mlm_bert.pt"]
+M = ["--data-dir", "wt", *TINY]
+BAD_INPUTS = [  # (what, script, flags, the message the user sees, in part)
+    ("missing data folder", "mlm_task.py", ["--data-dir", "nowhere", *TINY], "data folder nowhere does not exist"),
+    ("no data files, offline", "mlm_task.py", ["--data-dir", "empty", *TINY], "WikiText2 not found"),
+    ("empty split", "mlm_task.py", ["--data-dir", "emptyvalid", *TINY], "the valid split has 0 tokens"),
+    ("truncated zip", "mlm_task.py", ["--data-dir", "zip", *TINY], "is not a readable zip"),
+    ("malformed SQuAD JSON", "qa_task.py", [*QA, "--train-file", "bad.json"], "cannot read SQuAD file bad.json"),
+    ("answer_start not matching the context", "qa_task.py", [*QA, "--dev-file", "moved.json"],
+     "question x: answer 'def' is not at answer_start 0"),
+    ("vocabulary file from another corpus", "ns_task.py", ["--save-vocab", "othervocab.txt"],
+     "was trained with another vocabulary"),
+    ("corrupt vocabulary file", "mlm_task.py", [*M, "--save-vocab", "corrupt_vocab.pt"], "is not a vocabulary file"),
+    ("--checkpoint from a model of another size", "mlm_task.py", [*M, "--emsize", "64", "--checkpoint",
+                                                                  "full_mlm_model.pt"], "holds a model of other sizes"),
+    ("full-task checkpoint where an encoder is expected", "ns_task.py", ["--bert-model", "full_mlm_model.pt"],
+     "'mlm_task' checkpoint where 'encoder' is expected"),
+    ("missing --bert-model", "qa_task.py", [*QA, "--bert-model", "nope.pt"], "checkpoint nope.pt not found"),
+    ("checkpoint that would run code", "qa_task.py", [*QA, "--bert-model", "evil.pt"],
+     "evil.pt is not a checkpoint this project can read"),
+    ("unknown --dataset", "mlm_task.py", ["--dataset", "PTB"], "argument --dataset: invalid choice: 'PTB'"),
+    ("zero size", "mlm_task.py", [*M, "--emsize", "0"], "--emsize must be positive, got 0"),
+    ("negative batch size", "ns_task.py", ["--batch_size", "-4"], "--batch_size must be positive, got -4"),
+    ("--nhead not dividing --emsize", "mlm_task.py", [*M, "--nhead", "3"], "--nhead 3 must divide --emsize 32"),
+    ("--save in a missing folder", "mlm_task.py", [*M, "--save", "no/such/dir/x.pt"], "cannot write no/such/dir/x.pt"),
+    ("--save is a folder", "qa_task.py", [*QA, "--save", "afolder"], "cannot write afolder: it is a folder"),
+    ("--mask_frac out of range", "mlm_task.py", [*M, "--mask_frac", "1.5"], "--mask_frac must be between 0 and 1"),
+    ("--bptt shorter than a question", "qa_task.py", [*QA, "--bptt", "8"], "leaves no room for its context"),
+    ("--bptt longer than the model's positions", "mlm_task.py", [*M, "--bptt", "600"], "exceeds the model's 512"),
+    ("--device cuda without CUDA", "mlm_task.py", [*M, "--device", "cuda"], "CUDA is not available"),
+]
+OUTPUTS = ["mlm_bert.pt", "full_mlm_model.pt", "torchtext_bert_vocab.pt", "ns_bert.pt", "qa_model.pt",
+           "predictions.json", "mlm_loss.txt", "qa_loss.txt", "ns_loss.txt"]
+
+
+@pytest.mark.parametrize("what, script, flags, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(workdir, what, script, flags, message):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    before = {f: (workdir / f).read_bytes() for f in OUTPUTS if (workdir / f).is_file()}
+    proc = run_script(script, *flags, cwd=workdir, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], proc.stderr
+    assert err[0].startswith(f"{script}: error: ")
+    assert {f: (workdir / f).read_bytes() for f in before} == before
+    assert not (workdir / "pwned.txt").exists()
+    if os.environ.get("BAD_INPUT_TABLE"):  # regenerates the README's table
+        with open(os.environ["BAD_INPUT_TABLE"], "a") as f:
+            args = [str(a) for a in flags]
+            cut = next((i for i in range(len(args)) if args[i:i + len(TINY)] == TINY), None)
+            shown = " ".join(args if cut is None else args[:cut] + args[cut + len(TINY):])
+            f.write(f"| {what} | `python {script} {shown}` | `{err[0]}` |\n")
