@@ -523,6 +523,12 @@ class Batches:
     def __len__(self):
         return -(-self.stop // self.size)
 
+    @staticmethod
+    def count(rows, batch_size, world=1, drop_last=False, rank=0):
+        """len() of Batches over rows without building them."""
+        size = batch_size * world
+        return rows // size if drop_last else -(-rows // size)
+
     def __iter__(self):
         for start in range(0, self.stop, self.size):
             end = min(start + self.size, self.stop)

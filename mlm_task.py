@@ -106,8 +106,6 @@ def main(args):
     utils.print0(f"| model: {count_parameters(raw):,} parameters")
     model = utils.wrap_ddp(raw, args)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
     masks = torch.Generator(device=device).manual_seed(args.seed % 2**63)
     train_loss = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), masks)
 
@@ -126,8 +124,8 @@ def main(args):
         utils.save_task(args.save_full, raw, "mlm_task", vocab.fingerprint)
 
     train_log, val_log = utils.Trainer(
-        args, model, optimizer, scheduler, train_loss, lambda epoch: blocks["train"], validate,
-        save_best, "mlm_task", vocab.fingerprint, generators=[masks]).fit()
+        args, model, raw, train_loss, lambda epoch: blocks["train"], len(blocks["train"]),
+        validate, save_best, "mlm_task", vocab.fingerprint, generators=[masks]).fit()
 
     utils.load_task(raw, args.save_full, "mlm_task", vocab.fingerprint)
     test_loss = evaluate("test")

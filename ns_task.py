@@ -98,10 +98,10 @@ def main(args):
         loss, acc = evaluate("valid")
         return loss, f"valid loss {loss:8.5f} | valid accuracy {acc:6.2f}%", loss
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
+    train_pairs = (np.diff(corpus["train"][1]) >= max(2, args.min_sentence_len)).sum()
     train_log, val_log = utils.Trainer(
-        args, model, optimizer, scheduler, ns_step, train_batches, validate,
+        args, model, raw, ns_step, train_batches,
+        data.Batches.count(train_pairs, args.batch_size, **utils.shard(True)), validate,
         lambda: utils.save_task(args.save_full, raw, "ns_task", vocab.fingerprint),
         "ns_task", vocab.fingerprint, fmt=("8.5f", "5.2f")).fit()
 

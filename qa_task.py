@@ -194,12 +194,10 @@ def main(args):
         r = dev(model)
         return r["loss"], "valid " + describe(r, len(dev.examples)), -r["f1"]
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.1)
+    batches = lambda epoch: data.Batches(*train, batch_size=args.batch_size, shuffle=True,
+                                         seed=args.seed, epoch=epoch, **utils.shard(True))
     train_log, val_log = utils.Trainer(
-        args, model, optimizer, scheduler, qa_loss,
-        lambda epoch: data.Batches(*train, batch_size=args.batch_size, shuffle=True,
-                                   seed=args.seed, epoch=epoch, **utils.shard(True)),
+        args, model, raw, qa_loss, batches, len(batches(1)),
         validate, lambda: utils.save_task(args.save, raw, "qa_task", vocab.fingerprint),
         "qa_task", vocab.fingerprint).fit()
 

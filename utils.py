@@ -71,6 +71,14 @@ def base_parser(description, **defaults):
         help="seconds to wait for the other processes of a DDP job before giving up")
     add("--amp", type=str, default="none", choices=["none", "bf16", "fp16"],
         help="mixed precision: bf16 or fp16 autocast (fp16 with a gradient scaler)")
+    add("--optimizer", type=str, default="sgd", choices=["sgd", "adamw"],
+        help="sgd: the original (lr divided by 10 after an epoch without improvement); adamw: "
+             "linear warm-up over --warmup steps, then linear decay to 0")
+    add("--warmup", type=int, default=0, metavar="STEPS", help="warm-up steps for --optimizer adamw")
+    add("--weight-decay", type=float, default=0.01, help="weight decay for --optimizer adamw")
+    add("--grad-accum", type=int, default=1, metavar="K",
+        help="accumulate the gradients of K batches per optimizer step")
+    add("--compile", action="store_true", help="compile the model with torch.compile")
     add("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
         help="where to train; auto takes CUDA when available")
     add("--data-dir", type=str, default=None,
@@ -230,12 +238,36 @@ def setup(args):
 
 
 def wrap_ddp(model, args):
-    """DDP around model when distributed. Dropout then draws per rank."""
+    """torch.compile (--compile) and DDP (when distributed) around model, whose
+    parameters they share. Dropout then draws per rank."""
+    if args.compile:
+        model = torch.compile(model)
     if not dist.is_initialized():
         return model
     torch.manual_seed(args.seed + DIST.rank)
     device_ids = [DIST.local] if next(model.parameters()).is_cuda else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def make_optimizer(args, model, steps_per_epoch):
+    """(optimizer, scheduler stepped after an epoch without improvement, scheduler stepped
+    after every optimizer step): SGD with the original's decay, or AdamW with linear
+    warm-up and decay (no weight decay on biases and LayerNorm)."""
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.1), None
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    total = max(1, args.epochs * -(-steps_per_epoch // args.grad_accum))
+    warm = min(args.warmup, total - 1)
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+    return opt, None, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def shard(train):
@@ -411,8 +443,9 @@ class Trainer:
     """The original's epoch loop: train, validate, keep the best, divide the learning
     rate by 10 when validation does not improve. Resumable between any two steps.
 
-    loss_fn(model, batch) -> mean loss tensor; train_batches(epoch) -> batches, the
-    same for the same epoch in every run; validate(model) -> (valid loss, text after
+    model: raw, maybe compiled and wrapped in DDP (wrap_ddp); the optimizer comes from
+    make_optimizer. loss_fn(model, batch) -> mean loss tensor; train_batches(epoch) ->
+    batches (steps_per_epoch of them), the same for the same epoch in every run; validate(model) -> (valid loss, text after
     'time: ...s | ' in the end-of-epoch line, value to minimise for the best model);
     save_best() runs whenever that value improves. generators: the torch.Generators
     that loss_fn draws from, saved with the state.
@@ -422,10 +455,10 @@ class Trainer:
     and when SIGTERM or SIGUSR1 arrives (then the run stops with status 128 + signal).
     """
 
-    def __init__(self, args, model, optimizer, scheduler, loss_fn, train_batches, validate,
+    def __init__(self, args, model, raw, loss_fn, train_batches, steps_per_epoch, validate,
                  save_best, kind, fingerprint, generators=(), fmt=("5.2f", "8.2f")):
-        self.args, self.model, self.raw = args, model, getattr(model, "module", model)
-        self.optimizer, self.scheduler, self.loss_fn = optimizer, scheduler, loss_fn
+        self.args, self.model, self.raw, self.loss_fn = args, model, raw, loss_fn
+        self.optimizer, self.plateau, self.schedule = make_optimizer(args, raw, steps_per_epoch)
         self.train_batches, self.validate, self.save_best = train_batches, validate, save_best
         self.kind, self.fingerprint, self.generators, self.fmt = kind, fingerprint, generators, fmt
         self.device = next(model.parameters()).device
@@ -449,7 +482,9 @@ class Trainer:
             print0(f"| starting from the weights in {path}")
             return
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        for sched, state in zip((self.plateau, self.schedule), ckpt["scheduler"]):
+            if sched is not None:
+                sched.load_state_dict(state)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step, self.sums = ckpt["epoch"], ckpt["step"], list(ckpt["sums"])
         self.best, self.train_log, self.val_log = ckpt["best"], ckpt["train_log"], ckpt["val_log"]
@@ -472,7 +507,9 @@ class Trainer:
                          kind=self.kind + "_state", config=dict(self.raw.bert_model.config),
                          vocab_fingerprint=self.fingerprint, model=self.raw.state_dict(),
                          optimizer=self.optimizer.state_dict(),
-                         scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                         scheduler=[x.state_dict() if x else None
+                                    for x in (self.plateau, self.schedule)],
+                         scaler=self.scaler.state_dict(),
                          epoch=self.epoch, step=self.step, sums=self.sums, best=self.best,
                          train_log=self.train_log, val_log=self.val_log, rng=rng),
                     self.args.state_file)
@@ -494,8 +531,8 @@ class Trainer:
                 if self.best is None or key < self.best:
                     self.best = key
                     self.save_best()
-                else:
-                    self.scheduler.step()
+                elif self.plateau is not None:
+                    self.plateau.step()
                 self.epoch, self.step, self.sums = self.epoch + 1, 0, [0.0, 0.0]
                 if self.args.dry_run:
                     break
@@ -519,6 +556,7 @@ class Trainer:
         """
         args, model, opt = self.args, self.model, self.optimizer
         model.train()
+        opt.zero_grad(set_to_none=True)
         batches = self.train_batches(epoch)
         nbatches, every = len(batches), 1 if args.dry_run else args.log_interval
         total, counted = torch.zeros((), device=self.device), 0
@@ -527,22 +565,29 @@ class Trainer:
         for i, batch in enumerate(batches):
             if i < self.step:
                 continue  # done before the run was stopped
-            opt.zero_grad(set_to_none=True)
-            with autocast(self.device, args.amp):
-                loss = self.loss_fn(model, batch).float()
-            finite = torch.isfinite(loss)
-            if args.skip_nonfinite and not finite:
-                print0(f"| epoch {epoch:3d} | batch {i + 1}: loss {loss.item()}, step skipped")
-            else:
-                self.scaler.scale(loss).backward()
+            # --grad-accum K: K batches per optimizer step, gradients synced on the last.
+            last = (i + 1) % args.grad_accum == 0 or i + 1 == nbatches or args.dry_run
+            no_sync = not last and hasattr(model, "no_sync")
+            with model.no_sync() if no_sync else contextlib.nullcontext():
+                with autocast(self.device, args.amp):
+                    loss = self.loss_fn(model, batch).float()
+                finite = torch.isfinite(loss)
+                if args.skip_nonfinite and not finite:
+                    print0(f"| epoch {epoch:3d} | batch {i + 1}: loss {loss.item()}, step skipped")
+                else:
+                    self.scaler.scale(loss / args.grad_accum).backward()
+                    first_bad = torch.where(~finite & (first_bad < 0), i + 1, first_bad)
+                    total, interval = total + loss.detach(), interval + loss.detach()
+                    counted += 1
+            if last:
                 if args.clip > 0:
                     self.scaler.unscale_(opt)
                     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 self.scaler.step(opt)
                 self.scaler.update()
-                first_bad = torch.where(~finite & (first_bad < 0), i + 1, first_bad)
-                total, interval = total + loss.detach(), interval + loss.detach()
-                counted += 1
+                opt.zero_grad(set_to_none=True)
+                if self.schedule is not None:
+                    self.schedule.step()
             self.step = i + 1
             if self.step % every == 0:
                 self._check(first_bad, epoch)
@@ -554,6 +599,8 @@ class Trainer:
                 interval, start = torch.zeros_like(interval), time.time()
             if args.dry_run:
                 break
+            if not last:
+                continue  # the state is saved between optimizer steps only
             stop = self.signal is not None
             if DIST.world > 1:
                 stop = all_sum([float(stop)])[0] > 0

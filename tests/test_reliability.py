@@ -89,16 +89,15 @@ def _trainer(tmp_path, loss_values, **flags):
     model = MLMTask(20, 8, 2, 16, 1, 0.0)
     args = argparse.Namespace(**{**dict(amp="none", clip=0.5, dry_run=False, log_interval=2, epochs=1,
                                         checkpoint="None", resume=False, state_file="",
-                                        save_every=0, skip_nonfinite=False, seed=0), **flags})
+                                        save_every=0, skip_nonfinite=False, seed=0, lr=0.1,
+                                        optimizer="sgd", grad_accum=1), **flags})
     values = iter(loss_values)
 
     def loss_fn(model, batch):
         return model(batch).mean() * 0 + next(values)
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    trainer = utils.Trainer(args, model, opt, sched, loss_fn, lambda e: [torch.ones(2, 3, dtype=torch.long)] * 4,
-                            lambda m: (1.0, "ok", 1.0), lambda: None, "mlm_task", "fp")
+    trainer = utils.Trainer(args, model, model, loss_fn, lambda e: [torch.ones(2, 3, dtype=torch.long)] * 4,
+                            4, lambda m: (1.0, "ok", 1.0), lambda: None, "mlm_task", "fp")
     return trainer
 
 

@@ -1,0 +1,171 @@
+"""Benchmark: this project's training steps against transformers' on the same machine,
+in the same run.
+
+    python bench.py                          # BERT-base sizes, batch 8, seq 128, fp32
+    python bench.py --amp bf16               # bf16 autocast (ours) vs transformers fp32 and bf16
+    python bench.py --device cuda --batch 64 --amp bf16
+    python bench.py --emsize 128 --nhid 512 --nlayers 2 --nhead 2   # a tiny model
+
+Prints, for a masked-LM step and a QA step (forward, backward, SGD update), the time
+per step, tokens/s, the share of the machine's peak GEMM rate (measured here first)
+and the ratio to transformers; then the data pipeline alone (MLM and QA batches/s)
+and its share of this project's step time. transformers is optional (only this
+script uses it): without it only this project's numbers are printed.
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+from model import MLMTask, QuestionAnswerTask, flops_per_token
+from utils import autocast
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--emsize", type=int, default=768)
+    p.add_argument("--nhid", type=int, default=3072)
+    p.add_argument("--nlayers", type=int, default=12)
+    p.add_argument("--nhead", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=33280)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile this project's model")
+    return p.parse_args()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, steps, device):
+    fn()  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def peak_gemm(device, dtype, n=2048):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 3 if device.type == "cpu" else 50
+    return 2 * n ** 3 / timed(lambda: a @ b, reps, device)
+
+
+def train_step(model, opt, device, amp, forward):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss = forward(model)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def hf_models(a):
+    try:
+        import transformers
+    except ImportError:
+        return None
+    cfg = transformers.BertConfig(vocab_size=a.vocab, hidden_size=a.emsize, num_hidden_layers=a.nlayers,
+                                  num_attention_heads=a.nhead, intermediate_size=a.nhid,
+                                  max_position_embeddings=512, attn_implementation="sdpa")
+    return (f"transformers {transformers.__version__}", transformers.BertForMaskedLM(cfg),
+            transformers.BertForQuestionAnswering(cfg))
+
+
+def main():
+    a = parse()
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.manual_seed(0)
+    tokens = a.batch * a.seq
+    print(f"| device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"batch {a.batch} x seq {a.seq} | {a.nlayers} layers x {a.emsize}, {a.nhead} heads, "
+          f"{a.nhid} hidden, vocab {a.vocab} | amp {a.amp}")
+    peak32 = peak_gemm(device, torch.float32)
+    peak = peak_gemm(device, torch.bfloat16) if a.amp == "bf16" else peak32
+    print(f"| peak GEMM measured: fp32 {peak32 / 1e9:.0f} GFLOP/s"
+          + (f", bf16 {peak / 1e9:.0f} GFLOP/s" if a.amp == "bf16" else ""))
+
+    src = data.add_cls(torch.randint(len(data.SPECIALS), a.vocab, (a.batch, a.seq - 1))).to(device)
+    inputs, masked, _ = data.mask_tokens(src, 0.15, a.vocab)
+    targets = src[masked]
+    labels = torch.where(masked, src, -100)
+    starts = torch.randint(1, a.seq, (a.batch,), device=device)
+    ends = torch.clamp(starts + 3, max=a.seq - 1)
+    frac = masked.float().mean().item()
+
+    mlm = MLMTask(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, 0.1).to(device)
+    qa = QuestionAnswerTask(mlm.bert_model)
+    cfg = mlm.bert_model.config
+    run_mlm = torch.compile(mlm) if a.compile else mlm
+    run_qa = torch.compile(qa) if a.compile else qa
+
+    def ours_mlm(m):
+        return F.cross_entropy(run_mlm(inputs, masked_positions=masked).float(), targets)
+
+    def ours_qa(m):
+        s, e = run_qa(inputs)
+        return (F.cross_entropy(s.float(), starts) + F.cross_entropy(e.float(), ends)) / 2
+
+    rows = []
+    for name, model, fwd, fpt in (
+            ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac)),
+            ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        t = timed(train_step(model, opt, device, a.amp, fwd), a.steps, device)
+        rows.append((name, a.amp, t, fpt))
+    hf = hf_models(a)
+    if hf is None:
+        print("| transformers is not installed (pip install transformers): no comparison")
+    else:
+        version, hf_mlm, hf_qa = hf
+        hf_mlm.to(device), hf_qa.to(device)
+        fwd_mlm = lambda m: m(input_ids=inputs, labels=labels).loss
+        fwd_qa = lambda m: m(input_ids=inputs, start_positions=starts, end_positions=ends).loss
+        for amp in dict.fromkeys(["none", a.amp]):
+            for name, model, fwd, fpt in (
+                    (f"{version}, masked LM", hf_mlm, fwd_mlm, flops_per_token(cfg, a.seq, 1.0)),
+                    (f"{version}, QA", hf_qa, fwd_qa, flops_per_token(cfg, a.seq, 0.0))):
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+                rows.append((name, amp, timed(train_step(model, opt, device, amp, fwd), a.steps,
+                                              device), fpt))
+
+    print(f"| {'step':42s} | {'amp':4s} | {'ms/step':>9s} | {'tokens/s':>9s} | {'of peak':>7s} | "
+          f"{'vs transformers fp32':>20s} |")
+    base = {kind: t for name, amp, t, _ in rows if name.startswith("transformers") and amp == "none"
+            for kind in [name.split(", ")[1]]}
+    for name, amp, t, fpt in rows:
+        kind = name.split(", ")[1]
+        share = fpt * tokens / t / (peak if amp == "bf16" else peak32)
+        ratio = f"{base[kind] / t:.2f}x" if kind in base else "-"
+        print(f"| {name:42s} | {amp:4s} | {t * 1000:9.1f} | {tokens / t:9.0f} | {share:7.2f} | {ratio:>20s} |")
+
+    # The data pipeline alone: what a training loop does per batch besides the model.
+    stream = torch.randint(len(data.SPECIALS), a.vocab, (a.batch * a.seq * 200,))
+    blocks = data.mlm_blocks(stream, a.batch, a.seq - 1).to(device)
+    it = iter(range(10 ** 9))
+    t_mlm = timed(lambda: data.mask_tokens(data.add_cls(blocks[next(it) % len(blocks)]), 0.15, a.vocab),
+                  50, device)
+    feats = [torch.randint(0, a.vocab, (a.batch * 200, a.seq), device=device) for _ in range(2)]
+    feats += [torch.randint(0, a.seq, (a.batch * 200,), device=device) for _ in range(2)]
+    batches = data.Batches(*feats, batch_size=a.batch, shuffle=True)
+    t_qa = timed(lambda: list(batches), 3, device) / len(batches)
+    step_mlm, step_qa = rows[0][2], rows[1][2]
+    print(f"| data pipeline: MLM {1 / t_mlm:,.0f} batches/s ({100 * t_mlm / step_mlm:.2f}% of this "
+          f"project's MLM step), QA {1 / t_qa:,.0f} batches/s ({100 * t_qa / step_qa:.2f}% of its QA step)")
+
+
+if __name__ == "__main__":
+    main()
