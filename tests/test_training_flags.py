@@ -1,0 +1,52 @@
+"""The training flags beyond the original: AdamW schedule, gradient accumulation,
+mixed precision and torch.compile."""
+import argparse
+
+import pytest
+import torch
+
+import utils
+from conftest import TINY, run_script, write_squad, write_wikitext
+from model import MLMTask
+
+
+def test_adamw_warmup_then_linear_decay():
+    model = MLMTask(20, 8, 2, 16, 1, 0.0)
+    args = argparse.Namespace(optimizer="adamw", lr=1.0, warmup=4, weight_decay=0.01, epochs=2,
+                              grad_accum=2)
+    opt, plateau, schedule = utils.make_optimizer(args, model, steps_per_epoch=11)
+    assert plateau is None
+    lrs = []
+    for _ in range(12):  # 2 epochs x ceil(11 / 2) = 12 optimizer steps
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] > lrs[5] > lrs[-1] > 0 and opt.param_groups[0]["lr"] == 0.0
+    no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0.0][0]["params"]
+    assert all(p.dim() == 1 for p in no_decay) and len(no_decay) > 0
+    sgd, plateau, schedule = utils.make_optimizer(argparse.Namespace(optimizer="sgd", lr=6.0), model, 5)
+    assert isinstance(sgd, torch.optim.SGD) and schedule is None and plateau.gamma == 0.1
+
+
+def test_grad_accum_matches_the_larger_batch(tmp_path):
+    """QA losses are means over equal-sized batches, so 2 x 4 accumulated equals 8."""
+    wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", cwd=tmp_path)
+    write_squad(tmp_path / "train.json", copies=8)  # 72 questions: 9 batches of 8
+    write_squad(tmp_path / "dev.json", prefix="d")
+    qa = ["--bert-model", "mlm_bert.pt", "--train-file", "train.json", "--dev-file", "dev.json",
+          "--bptt", "48", "--dropout", "0", "--epochs", "1", "--lr", "0.5", "--log-interval", "3"]
+    run_script("qa_task.py", *qa, "--batch_size", "8", "--save", "a.pt", cwd=tmp_path)
+    run_script("qa_task.py", *qa, "--batch_size", "4", "--grad-accum", "2", "--save", "b.pt",
+               "--optimizer", "sgd", cwd=tmp_path)
+    a, b = (torch.load(tmp_path / f, weights_only=True)["model"] for f in ("a.pt", "b.pt"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--optimizer", "adamw", "--warmup", "3",
+                                                        "--lr", "1e-3", "--compile"]])
+def test_flags_run_end_to_end(tmp_path, flags):
+    wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
+    proc = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", *flags, cwd=tmp_path)
+    assert "| End of training |" in proc.stdout
