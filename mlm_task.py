@@ -89,9 +89,8 @@ def mlm_loss(mask_frac, mask_mode, vocab_size, generator, train=True):
 
 def main(args):
     check_args(args)
-    device = utils.setup(args)
     tokenizer = data.Tokenizer()
-    utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
+    device = utils.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
     vocab = prepare_vocab(args, args.dataset, sources, tokenizer)
     blocks = {}

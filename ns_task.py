@@ -63,12 +63,9 @@ def ns_step(model, batch, reduce=True):
 
 def main(args):
     check_args(args)
-    device = utils.setup(args)
-    tokenizer = data.Tokenizer()
-    utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
-    vocab = data.Vocab.load(args.save_vocab)
-    raw = NextSentenceTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
-    model = utils.wrap_ddp(raw.to(device), args)
+    tokenizer, vocab = data.Tokenizer(), data.Vocab.load(args.save_vocab)
+    device = utils.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
+    raw, model = utils.finetune_model(NextSentenceTask, args, vocab, device)
     sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
     corpus = data.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir)
 

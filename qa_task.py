@@ -174,12 +174,9 @@ def describe(r, total):
 
 def main(args):
     check_args(args)
-    device = utils.setup(args)
-    tokenizer = data.Tokenizer()
-    utils.print0(f"| tokenizer: {tokenizer.name} ({data.BACKEND}) | device: {device}")
-    vocab = data.Vocab.load(args.save_vocab)
-    raw = QuestionAnswerTask(utils.load_encoder(args.bert_model, vocab, args.dropout))
-    model = utils.wrap_ddp(raw.to(device), args)
+    tokenizer, vocab = data.Tokenizer(), data.Vocab.load(args.save_vocab)
+    device = utils.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
+    raw, model = utils.finetune_model(QuestionAnswerTask, args, vocab, device)
 
     train_path = squad_path(args, "train_file", "train-v1.1.json")
     dev_path = squad_path(args, "dev_file", "dev-v1.1.json")

@@ -208,8 +208,9 @@ def launcher_env(env):
     return None
 
 
-def setup(args):
-    """Device, seeds and the process group; returns the torch.device to train on.
+def setup(args, banner=""):
+    """Device, seeds and the process group; returns the torch.device to train on, after
+    printing banner and the device.
 
     torchrun (RANK, WORLD_SIZE, LOCAL_RANK), srun (SLURM_PROCID, SLURM_NTASKS,
     SLURM_LOCALID, first host of SLURM_JOB_NODELIST) and the processes cli() starts
@@ -233,6 +234,7 @@ def setup(args):
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
         DIST.rank, DIST.world, DIST.local = rank, world, local
         print0(f"| DDP: {world} processes, backend {dist.get_backend()}, rendezvous {addr}:{port}")
+    print0(f"| {banner + ' | ' if banner else ''}device: {device}")
     seed_everything(args.seed)
     return device
 
@@ -369,6 +371,13 @@ def load_encoder(path, vocab, dropout=None):
     model = BertModel(**config)
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def finetune_model(head, args, vocab, device):
+    """(raw, model): head (NextSentenceTask, QuestionAnswerTask) on the encoder of
+    --bert-model, on device, compiled and wrapped in DDP as asked (wrap_ddp)."""
+    raw = head(load_encoder(args.bert_model, vocab, args.dropout)).to(device)
+    return raw, wrap_ddp(raw, args)
 
 
 def save_task(path, model, kind, vocab_fingerprint):

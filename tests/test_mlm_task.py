@@ -1,11 +1,10 @@
 import re
 
-import pytest
 import torch
 
 import data
 import utils
-from conftest import TINY, run_script, write_wikitext
+from conftest import TINY, run_script
 
 BATCH_LINE = re.compile(r"^\| epoch +\d+ \| +\d+/ +\d+ batches \| lr \d+\.\d{5} \| ms/batch +[\d.]+ "
                         r"\| loss +[\d.]+ \| ppl +[\d.]+$")

@@ -2,8 +2,7 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from model import (BertModel, MLMTask, MultiheadAttention, NextSentenceTask,
-                   QuestionAnswerTask, init_weights)
+from model import BertModel, MLMTask, MultiheadAttention, NextSentenceTask, QuestionAnswerTask
 
 V, E, H, FF, L = 50, 32, 4, 64, 2
 
