@@ -107,7 +107,7 @@ def main():
     frac = masked.float().mean().item()
 
     mlm = MLMTask(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, 0.1).to(device)
-    qa = QuestionAnswerTask(mlm.bert_model)
+    qa = QuestionAnswerTask(mlm.bert_model).to(device)
     cfg = mlm.bert_model.config
     run_mlm = torch.compile(mlm) if a.compile else mlm
     run_qa = torch.compile(qa) if a.compile else qa

@@ -31,9 +31,15 @@ TINY = ["--emsize", "32", "--nhid", "64", "--nlayers", "2", "--nhead", "2",
         "--batch_size", "4", "--bptt", "16", "--log-interval", "10", "--cache-dir", ""]
 
 
+def script_env(**extra):
+    """The scripts' environment in tests: unbuffered output, and no GPU even where there
+    is one, so that every run (DDP ones included) is the CPU run the tests expect."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", **extra)
+
+
 def run_script(script, *args, cwd, check=True, timeout=300):
     """Run one of the task scripts as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = script_env()
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:

@@ -1,6 +1,5 @@
 """DDP on CPU with gloo: spawn, torchrun and srun-style launches, equivalence with one
 process, and a job that loses a rank."""
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import time
 import torch
 
 import utils
-from conftest import ROOT, TINY, run_script, write_squad, write_wikitext
+from conftest import ROOT, TINY, run_script, script_env, write_squad, write_wikitext
 
 NO_DROPOUT = ["--dropout", "0", "--epochs", "1", "--lr", "1"]
 
@@ -64,7 +63,7 @@ def test_qa_under_torchrun_matches_one_process(tmp_path):
           "--bptt", "48", "--log-interval", "1", *NO_DROPOUT]
     run_script("qa_task.py", *qa, "--batch_size", "16", "--save", "one.pt",
                "--predictions", "one.json", cwd=tmp_path)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = script_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(utils.free_port()), str(ROOT / "qa_task.py"), *qa,
                            "--batch_size", "8", "--save", "two.pt", "--predictions", "two.json"],
@@ -78,8 +77,7 @@ def test_qa_under_torchrun_matches_one_process(tmp_path):
 def _slurm_ranks(tmp_path, args, world=2, only=None):
     """Start mlm_task.py as srun would: one process per task with SLURM_* variables."""
     port = utils.free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", SLURM_NTASKS=str(world), SLURM_JOB_ID=str(port),
-               SLURM_JOB_NODELIST="localhost")
+    env = script_env(SLURM_NTASKS=str(world), SLURM_JOB_ID=str(port), SLURM_JOB_NODELIST="localhost")
     env.pop("MASTER_PORT", None)
     env["MASTER_PORT"] = str(port)  # the derived port may be taken on a shared machine
     procs = []

@@ -11,14 +11,14 @@ import torch
 
 import data
 import utils
-from conftest import ROOT, TINY, run_script, write_squad, write_wikitext
+from conftest import ROOT, TINY, run_script, script_env, write_squad, write_wikitext
 from model import MLMTask
 
 RUN = ["--epochs", "2", "--lr", "1", "--dropout", "0.1", "--log-interval", "1", "--save-every", "5"]
 
 
 def _start(tmp_path, wt, *extra):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = script_env()
     return subprocess.Popen([sys.executable, str(ROOT / "mlm_task.py"), "--data-dir", str(wt), *TINY,
                              *RUN, *extra], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -199,8 +199,6 @@ OUTPUTS = ["mlm_bert.pt", "full_mlm_model.pt", "torchtext_bert_vocab.pt", "ns_be
 
 @pytest.mark.parametrize("what, script, flags, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input(workdir, what, script, flags, message):
-    if "cuda" in flags and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
     before = {f: (workdir / f).read_bytes() for f in OUTPUTS if (workdir / f).is_file()}
     proc = run_script(script, *flags, cwd=workdir, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
