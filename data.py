@@ -624,6 +624,9 @@ def read_squad(path):
                 qas = []
                 for qa in para["qas"]:
                     answers = [(a["text"], int(a["answer_start"])) for a in qa["answers"]]
+                    if not answers:
+                        raise DataError(f"{path}: question {qa['id']} has no answer; this is a "
+                                        "SQuAD v1.1 reader (v2.0 files are not supported)")
                     for text, start in answers:
                         if ctx[start:start + len(text)] != text:
                             raise DataError(f"{path}: question {qa['id']}: answer {text!r} is not "

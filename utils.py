@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,8 @@ def _run(main, args, errors, prog):
     except (dist.DistError, RuntimeError) as e:
         if DIST.world == 1:
             raise
+        if not isinstance(e, dist.DistError):
+            traceback.print_exc()  # may be a bug of its own, not only a lost peer
         # Another process of the job died or stopped answering: say so and stop, do not hang.
         print(f"{prog}: error: rank {DIST.rank} lost the other processes of the job "
               f"({str(e).splitlines()[0][:200]}); see their logs", file=sys.stderr)

@@ -90,6 +90,8 @@ def test_answer_token_span_inside_words_and_unicode():
     ("{not json", "cannot read SQuAD file"),
     ('{"data": [{"paragraphs": [{"qas": []}]}]}', "not in the SQuAD v1.1 format"),
     ('{"data": []}', "holds no SQuAD paragraphs"),
+    ('{"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "v2", "question": "q?", '
+     '"answers": [], "is_impossible": true}]}]}]}', "question v2 has no answer"),
     ('{"data": [{"paragraphs": [{"context": "abc def", "qas": [{"id": "x", "question": "q?", '
      '"answers": [{"text": "def", "answer_start": 0}]}]}]}]}', "question x: answer 'def' is not at"),
 ])
