@@ -191,3 +191,28 @@ def test_encoder_of_another_vocabulary_is_refused(tmp_path):
     proc = run_script("ns_task.py", "--dataset", "WikiText2", "--data-dir", wt, cwd=tmp_path,
                       check=False)
     assert proc.returncode == 2 and "another vocabulary" in proc.stderr
+
+
+def test_next_sentence_pairs_are_learnable():
+    """Lines drawn from 20 disjoint 'topics': B follows A iff both come from one topic,
+    which a small model learns in a few steps (so the pairs, token types and padding
+    mask carry the signal)."""
+    import torch.nn.functional as F
+    from model import BertModel, NextSentenceTask
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    topics = rng.integers(20, size=400)
+    lines = [rng.integers(5 + t * 10, 15 + t * 10, size=30) for t in topics]
+    ids, offsets = torch.tensor(np.concatenate(lines)), np.arange(0, 30 * 401, 30)
+    x, types, y = data.ns_pairs(ids, offsets, 10, 0.5, 64, torch.Generator().manual_seed(0))
+    model = NextSentenceTask(BertModel(205, 64, 4, 128, 2, 0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(150):
+        idx = torch.randint(len(x), (32,))
+        loss = F.cross_entropy(model(x[idx], types[idx], key_padding_mask=x[idx] == data.PAD), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = (model.eval()(x, types, key_padding_mask=x == data.PAD).argmax(1) == y).float().mean()
+    assert acc > 0.9
