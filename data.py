@@ -310,8 +310,9 @@ _DIGITS = str.maketrans({str(d): f" {w} " for d, w in enumerate(
 
 
 def enwik9_filter(path):
-    """The visible article text of a Wikipedia XML dump, as Matt Mahoney's wikifil.pl
-    keeps it (lower-case letters and spaces, digits spelled out); one line per paragraph."""
+    """The visible article text of a Wikipedia XML dump, reduced in the manner of Matt
+    Mahoney's wikifil.pl (lower-case letters and spaces, digits spelled out), line by
+    line rather than by XML record; one line of output per non-empty line of text."""
     in_text = False
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
