@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -120,7 +121,7 @@ def check_positive(args, *names):
 def check_writable(*paths):
     """Fail before training, not after it, when an output cannot be written."""
     for path in paths:
-        parent = Path(path).resolve().parent
+        parent = Path(path).parent
         if not parent.is_dir():
             raise UserError(f"cannot write {path}: folder {parent} does not exist")
         if not os.access(parent, os.W_OK):
@@ -340,6 +341,10 @@ def load_checkpoint(path, kind, map_location="cpu"):
         raise UserError(f"checkpoint {path} not found; pass the file written by the previous step")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a checkpoint this project can read: it holds Python "
+                        "objects besides tensors and plain data, which are never loaded "
+                        "(they could run code)") from None
     except Exception as e:  # torch raises many types for foreign or damaged files
         raise UserError(f"{path} is not a checkpoint this project can read "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None

@@ -211,5 +211,7 @@ def test_bad_input(workdir, what, script, flags, message):
         with open(os.environ["BAD_INPUT_TABLE"], "a") as f:
             args = [str(a) for a in flags]
             cut = next((i for i in range(len(args)) if args[i:i + len(TINY)] == TINY), None)
-            shown = " ".join(args if cut is None else args[:cut] + args[cut + len(TINY):])
+            args = args if cut is None else args[:cut] + args[cut + len(TINY):]
+            pairs = dict(zip(args[::2], args[1::2]))  # a flag given twice: the last one counts
+            shown = " ".join(f"{k} {v}" for k, v in pairs.items())
             f.write(f"| {what} | `python {script} {shown}` | `{err[0]}` |\n")
