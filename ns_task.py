@@ -78,8 +78,9 @@ def main(args):
     # Validation and test pairs are drawn once, so their losses compare across epochs;
     # training pairs are drawn anew each epoch (new split points and partners).
     fixed = {s: pairs(s, args.seed + i) for i, s in enumerate(("valid", "test"), 1)}
-    for split, (_, offsets) in corpus.items():
-        n = (np.diff(offsets) >= max(2, args.min_sentence_len)).sum()
+    counts = {split: int((np.diff(offsets) >= max(2, args.min_sentence_len)).sum())
+              for split, (_, offsets) in corpus.items()}
+    for split, n in counts.items():
         utils.print0(f"| {split}: {n} pairs (lines with at least {args.min_sentence_len} tokens)")
 
     def train_batches(epoch):
@@ -95,10 +96,9 @@ def main(args):
         loss, acc = evaluate("valid")
         return loss, f"valid loss {loss:8.5f} | valid accuracy {acc:6.2f}%", loss
 
-    train_pairs = (np.diff(corpus["train"][1]) >= max(2, args.min_sentence_len)).sum()
     train_log, val_log = utils.Trainer(
         args, model, raw, ns_step, train_batches,
-        data.Batches.count(train_pairs, args.batch_size, **utils.shard(True)), validate,
+        data.Batches.count(counts["train"], args.batch_size, **utils.shard(True)), validate,
         lambda: utils.save_task(args.save_full, raw, "ns_task", vocab.fingerprint),
         "ns_task", vocab.fingerprint, fmt=("8.5f", "5.2f")).fit()
 
