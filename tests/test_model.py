@@ -109,3 +109,31 @@ def test_a_small_batch_can_be_overfitted():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_cpu_dropout_rate_scale_and_gradient():
+    from model import Dropout, dropout
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, 0.3)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes the same mask and scale
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+    layer = Dropout(0.5).eval()
+    assert layer(x) is x
+    with pytest.raises(ValueError):
+        Dropout(1.0)
+
+
+def test_attention_dropout_path_matches_sdpa_without_dropout():
+    torch.manual_seed(0)
+    mha = MultiheadAttention(E, H, dropout=1e-9)  # takes the written-out CPU path
+    x = torch.randn(2, 7, E)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    written = mha(x, pad)
+    mha.dropout = 0.0  # SDPA
+    assert torch.allclose(written, mha(x, pad), atol=1e-5)
