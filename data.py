@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import monitor
+
 try:  # torchtext 0.18 imports only beside torch 2.3.x; elsewhere its C++ library fails
     import torchtext
     torchtext.disable_torchtext_deprecation_warning()  # we know; that is why it is optional
@@ -417,7 +419,9 @@ def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None):
             ids = None  # a damaged cache is rebuilt, never trusted
     if ids is None:
         chunks, lengths = [], []
-        for line in read_lines(files, enwik=dataset == "EnWik9"):
+        lines = monitor.progress(read_lines(files, enwik=dataset == "EnWik9"),
+                                 f"tokenizing {dataset} {split}", unit="lines")
+        for line in lines:
             toks = vocab.lookup_indices(tokenizer(line))
             chunks.append(np.asarray(toks, dtype=np.int32))
             lengths.append(len(toks))
@@ -662,16 +666,23 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
     <cls> with it (as BERT's run_squad does).
 
     Returns (examples, features): examples[k] = dict(id, context, answers, spans);
-    features = dict of tensors: input_ids, token_types (F, bptt), start, end (F,) answer
+    features = dict of tensors: input_ids, token_types (F, bptt), match (F, bptt) 1 at a
+    context token whose word (the token's text, so `<unk>` words too) is also a word of
+    the question, punctuation aside; start, end (F,) answer
     positions in the input (-1 when not inside), example (F,), ctx_start (F,) input
     position of the window's first context token, window (F,) its context-token index.
     """
     examples, rows = [], []
+    shown = monitor.Progress("preparing SQuAD windows", sum(len(p["qas"]) for p in paragraphs),
+                             "questions")
     for para in paragraphs:
         ctx_tokens, spans = tokenizer.tokenize_with_spans(para["context"])
         ctx_ids = vocab.lookup_indices(ctx_tokens)
         for qa in para["qas"]:
-            q_ids = vocab.lookup_indices(tokenizer(qa["question"]))
+            q_tokens = tokenizer(qa["question"])
+            q_ids = vocab.lookup_indices(q_tokens)
+            q_words = {t for t in q_tokens if any(c.isalnum() for c in t)}
+            ctx_match = [int(t in q_words) for t in ctx_tokens]
             budget = bptt - len(q_ids) - 3
             if budget < 1:
                 raise DataError(f"question {qa['id']} has {len(q_ids)} tokens, which leaves no "
@@ -692,29 +703,35 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
                     target = (0, 0)  # BERT: a window without the answer points at <cls>
                 if not (training and target[0] < 0):
                     rows.append((k, [CLS] + q_ids + [SEP] + window + [SEP], ctx_start, w,
-                                 len(window), target))
+                                 len(window), target, ctx_match[w:w + budget]))
                 if step is None or w + budget >= len(ctx_ids):
                     break
                 w += step
+            shown.update()
+    shown.close()
     n = len(rows)
     input_ids = torch.full((n, bptt), PAD, dtype=torch.long)
     types = torch.ones((n, bptt), dtype=torch.long)
+    match = torch.zeros((n, bptt), dtype=torch.long)
     meta = torch.zeros((n, 6), dtype=torch.long)
-    for i, (k, seq, ctx_start, w, wlen, (s, e)) in enumerate(rows):
+    for i, (k, seq, ctx_start, w, wlen, (s, e), window_match) in enumerate(rows):
         input_ids[i, :len(seq)] = torch.tensor(seq)
         types[i, :ctx_start] = 0
+        match[i, ctx_start:ctx_start + wlen] = torch.tensor(window_match, dtype=torch.long)
         meta[i] = torch.tensor([s, e, k, ctx_start, w, wlen])
     names = ("start", "end", "example", "ctx_start", "window", "window_len")
-    features = dict(input_ids=input_ids, token_types=types,
+    features = dict(input_ids=input_ids, token_types=types, match=match,
                     **{name: meta[:, j] for j, name in enumerate(names)})
     return examples, features
 
 
-def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len):
+def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
+               with_total=False):
     """Best span per row with start <= end < start + max_answer_len inside the context.
 
     start_logits, end_logits (F, S); ctx_start, window_len (F,) -> (score, start, end),
-    each (F,), positions in the input.
+    each (F,), positions in the input; with_total, also the logsumexp of the scores of
+    all those spans (score - total is the best span's log-probability among them).
     """
     F_, S = start_logits.shape
     pos = torch.arange(S, device=start_logits.device)
@@ -725,4 +742,6 @@ def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len):
     allowed = allowed[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
     best, flat = scores.view(F_, -1).max(dim=1)
+    if with_total:
+        return best, flat // S, flat % S, torch.logsumexp(scores.view(F_, -1), dim=1)
     return best, flat // S, flat % S

@@ -117,7 +117,8 @@ def main(args):
 
     def validate(model):
         loss = evaluate("valid")
-        return loss, f"valid loss {loss:5.2f} | valid ppl {utils.safe_exp(loss):8.2f}", loss
+        ppl = utils.safe_exp(loss)
+        return loss, f"valid loss {loss:5.2f} | valid ppl {ppl:8.2f}", loss, dict(ppl=ppl)
 
     def save_best():
         utils.save_task(args.save_full, raw, "mlm_task", vocab.fingerprint)
@@ -129,7 +130,7 @@ def main(args):
     utils.load_task(raw, args.save_full, "mlm_task", vocab.fingerprint)
     test_loss = evaluate("test")
     utils.finish(args, f"test loss {test_loss:5.2f} | test ppl {utils.safe_exp(test_loss):8.2f}",
-                 train_log, val_log, test_loss)
+                 train_log, val_log, test_loss, dict(ppl=utils.safe_exp(test_loss)))
     utils.save_encoder(args.save, raw.bert_model, vocab.fingerprint,
                        test_loss=test_loss, test_ppl=math.exp(min(test_loss, 700)))
     utils.print0(f"| saved the encoder to {args.save}")

@@ -94,7 +94,7 @@ def main(args):
 
     def validate(model):
         loss, acc = evaluate("valid")
-        return loss, f"valid loss {loss:8.5f} | valid accuracy {acc:6.2f}%", loss
+        return loss, f"valid loss {loss:8.5f} | valid accuracy {acc:6.2f}%", loss, dict(accuracy=acc)
 
     train_log, val_log = utils.Trainer(
         args, model, raw, ns_step, train_batches,
@@ -105,7 +105,8 @@ def main(args):
     utils.load_task(raw, args.save_full, "ns_task", vocab.fingerprint)
     test_loss, test_acc = evaluate("test")
     utils.finish(args, f"test loss {test_loss:8.5f} | test ppl {utils.safe_exp(test_loss):8.5f} | "
-                       f"test accuracy {test_acc:6.2f}%", train_log, val_log, test_loss)
+                       f"test accuracy {test_acc:6.2f}%", train_log, val_log, test_loss,
+                 dict(accuracy=test_acc))
     utils.save_encoder(args.save, raw.bert_model, vocab.fingerprint,
                        test_loss=test_loss, test_accuracy=test_acc)
     utils.print0(f"| saved the encoder to {args.save}")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import monitor
 from model import BertModel
 
 CHECKPOINT_VERSION = 1
@@ -99,6 +100,9 @@ def base_parser(description, **defaults):
         help="also save the state every N batches (0: at epoch ends only)")
     add("--skip-nonfinite", action="store_true",
         help="skip a step whose loss is NaN or infinite instead of stopping the run")
+    add("--tensorboard", type=str, default=None, metavar="DIR",
+        help="write loss, learning rate, throughput and the validation and test scores to "
+             "TensorBoard event files in DIR (needs `pip install tensorboard`)")
     return p
 
 
@@ -238,6 +242,12 @@ def setup(args, banner=""):
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
         DIST.rank, DIST.world, DIST.local = rank, world, local
         print0(f"| DDP: {world} processes, backend {dist.get_backend()}, rendezvous {addr}:{port}")
+    monitor.ENABLED = DIST.rank == 0
+    global BOARD
+    try:
+        BOARD = monitor.Board(getattr(args, "tensorboard", None) if DIST.rank == 0 else None)
+    except monitor.MissingDependency as e:
+        raise UserError(str(e)) from None
     print0(f"| {banner + ' | ' if banner else ''}device: {device}")
     seed_everything(args.seed)
     return device
@@ -384,7 +394,15 @@ def load_encoder(path, vocab, dropout=None):
 def finetune_model(head, args, vocab, device):
     """(raw, model): head (NextSentenceTask, QuestionAnswerTask) on the encoder of
     --bert-model, on device, compiled and wrapped in DDP as asked (wrap_ddp)."""
-    raw = head(load_encoder(args.bert_model, vocab, args.dropout)).to(device)
+    encoder = load_encoder(args.bert_model, vocab, args.dropout)
+    if getattr(args, "random_init", False):
+        # The same sizes, vocabulary and dropout, freshly initialised: the baseline that
+        # shows what pretraining brings.
+        torch.manual_seed(args.seed)
+        encoder = BertModel(**encoder.config)
+        print0(f"| --random-init: {args.bert_model} gives the sizes only; the encoder starts "
+               "from random weights")
+    raw = head(encoder).to(device)
     return raw, wrap_ddp(raw, args)
 
 
@@ -412,8 +430,19 @@ def load_task(model, path, kind, vocab_fingerprint):
     barrier()  # the file may just have been written by rank 0
     ckpt = load_checkpoint(path, kind)
     check_fit(ckpt, path, model.bert_model.config, vocab_fingerprint)
+    check_heads(ckpt["model"], model, path)
     model.load_state_dict(ckpt["model"])
     return ckpt
+
+
+def check_heads(state, model, path):
+    """Refuse weights whose task layers differ from the model's (a flag such as
+    --match-feature given to one run and not to the other)."""
+    theirs, mine = set(state), set(model.state_dict())
+    if theirs != mine:
+        odd = sorted((theirs - mine) | (mine - theirs))
+        raise UserError(f"{path} does not fit this model: its layers differ in {', '.join(odd[:4])}; "
+                        "pass the flags it was trained with (e.g. --match-feature)")
 
 
 # --------------------------------------------------------------------------- training loop
@@ -436,7 +465,8 @@ def evaluate(model, batches, fn, args, reduce=True):
     model.eval()
     device = next(model.parameters()).device
     totals = {}
-    for batch in batches:
+    shown = batches if args.dry_run else monitor.progress(batches, "evaluating", unit="batches")
+    for batch in shown:
         with autocast(device, args.amp):
             out = fn(model, batch)
         for name, value in out.items():
@@ -446,6 +476,9 @@ def evaluate(model, batches, fn, args, reduce=True):
     names = sorted(totals)
     values = [float(totals[n]) for n in names]
     return dict(zip(names, all_sum(values) if reduce else values))
+
+
+BOARD = monitor.Board(None)  # set by setup() from --tensorboard
 
 
 class Stopped(Exception):
@@ -494,6 +527,7 @@ class Trainer:
             return
         ckpt = load_checkpoint(path, (self.kind, self.kind + "_state"))
         check_fit(ckpt, path, self.raw.bert_model.config, self.fingerprint)
+        check_heads(ckpt["model"], self.raw, path)
         self.raw.load_state_dict(ckpt["model"])
         if ckpt["kind"] == self.kind:
             print0(f"| starting from the weights in {path}")
@@ -539,8 +573,10 @@ class Trainer:
             while self.epoch <= self.args.epochs:
                 start = time.time()
                 self.train_log.append(self.train_epoch(self.epoch))
-                val_loss, summary, key = self.validate(self.model)
+                val_loss, summary, key, *scores = self.validate(self.model)
                 self.val_log.append(val_loss)
+                BOARD.scalars(self.epoch, {"valid/loss": val_loss, **{
+                    f"valid/{k}": v for k, v in (scores[0] if scores else {}).items()}})
                 print0(LINE)
                 print0(f"| end of epoch {self.epoch:3d} | time: {time.time() - start:5.2f}s "
                        f"| {summary}")
@@ -610,6 +646,7 @@ class Trainer:
                 self._check(first_bad, epoch)
                 cur = all_sum([interval.item()])[0] / every / DIST.world
                 ms = (time.time() - start) * 1000 / every
+                self._board(epoch, nbatches, cur, ms, batch)
                 print0(f"| epoch {epoch:3d} | {self.step:5d}/{nbatches:5d} batches | lr "
                        f"{opt.param_groups[0]['lr']:05.5f} | ms/batch {ms:5.2f} | "
                        f"loss {cur:{self.fmt[0]}} | ppl {safe_exp(cur):{self.fmt[1]}}")
@@ -634,6 +671,19 @@ class Trainer:
         loss_sum, count = all_sum([self.sums[0] + total.item(), self.sums[1] + counted])
         return loss_sum / max(count, 1)
 
+    def _board(self, epoch, nbatches, loss, ms, batch):
+        """Training scalars at a log interval, against the global batch count."""
+        first = batch[0] if isinstance(batch, (list, tuple)) else batch
+        per_s = 1000.0 / ms if ms > 0 else 0.0
+        values = {"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"],
+                  "train/batches_per_s": per_s}
+        if self.fmt[1] == "8.2f":  # the tasks that print a perplexity
+            values["train/ppl"] = safe_exp(loss)
+        if torch.is_tensor(first) and first.dim() == 2:
+            values["train/sequences_per_s"] = per_s * first.size(0) * DIST.world
+            values["train/tokens_per_s"] = per_s * first.numel() * DIST.world
+        BOARD.scalars((epoch - 1) * nbatches + self.step, values)
+
     def _check(self, first_bad, epoch):
         bad = int(first_bad.item())
         if bad >= 0:
@@ -642,8 +692,11 @@ class Trainer:
                             "--skip-nonfinite to skip such steps")
 
 
-def finish(args, summary, train_log, val_log, test_loss):
-    """The closing lines and the loss log."""
+def finish(args, summary, train_log, val_log, test_loss, scores=None):
+    """The closing lines, the loss log, and the test scores on TensorBoard."""
+    BOARD.scalars(len(val_log), {"test/loss": test_loss,
+                                 **{f"test/{k}": v for k, v in (scores or {}).items()}})
+    BOARD.close()
     print0(DOUBLE_LINE)
     print0(f"| End of training | {summary}")
     print0(DOUBLE_LINE)

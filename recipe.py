@@ -1,0 +1,222 @@
+"""The whole pipeline on real data in under an hour on a laptop CPU, with a results table.
+
+    python recipe.py --wikitext DIR --squad DIR              # -> runs/laptop/results.md
+
+Runs, one after another, each as its own process with its printout kept in OUT/*.log:
+
+    1. mlm_task.py  a small BERT pretrained on WikiText-2 (masked LM)
+    2. ns_task.py   next-sentence pretraining of that encoder on WikiText-2
+    3. qa_task.py   SQuAD v1.1 fine-tuning of the pretrained encoder
+    4. qa_task.py   the same fine-tuning from a randomly initialised encoder (the
+                    baseline that shows what pretraining brings; --no-baseline skips it)
+
+SQuAD: train-v1.1.json / dev-v1.1.json (plain or .gz) in --squad when they are there;
+otherwise dev-split-train-v1.1.json / dev-split-eval-v1.1.json, a split of the
+official dev set by article (the table then says "dev-split"). Every question of the
+evaluation file is scored with the official v1.1 measure.
+
+OUT/results.md is rewritten after every stage: the table so far, the commands, the
+machine. A stage whose output is already in OUT (from an earlier, stopped run) is not
+run again; a stopped stage goes on from its state file.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# The settings chosen for about 60 minutes on a 2-core CPU (see README, "Laptop recipe").
+DEFAULTS = dict(emsize=256, nhid=1024, nlayers=4, nhead=4, dropout=0.0, batch_size=32, bptt=128,
+                mlm_epochs=3, mlm_lr=1e-3, ns_epochs=1, ns_lr=1e-4, qa_epochs=4, qa_lr=1e-3,
+                doc_stride=64, warmup=100, min_sentence_len=60)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--wikitext", required=True, help="folder with WikiText-2's wiki.*.tokens")
+    p.add_argument("--squad", required=True, help="folder with the SQuAD v1.1 files")
+    p.add_argument("--out", default="runs/laptop", help="folder for models, logs and results")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the random-initialisation QA run")
+    p.add_argument("--no-match-feature", dest="match_feature", action="store_false",
+                   help="fine-tune the original QA model, without qa_task.py --match-feature")
+    for name, value in DEFAULTS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    return p.parse_args(argv)
+
+
+def squad_files(folder):
+    """(train, eval, label): the official files where they exist, else the dev split."""
+    def find(name):
+        for candidate in (folder / name, folder / (name + ".gz")):
+            if candidate.is_file():
+                return candidate
+        return None
+    train, dev = find("train-v1.1.json"), find("dev-v1.1.json")
+    if train and dev:
+        return train, dev, "dev"
+    train, dev = find("dev-split-train-v1.1.json"), find("dev-split-eval-v1.1.json")
+    if train and dev:
+        return train, dev, "dev-split"
+    sys.exit(f"recipe.py: error: {folder} has neither train-v1.1.json + dev-v1.1.json nor "
+             "dev-split-train-v1.1.json + dev-split-eval-v1.1.json (plain or .gz); "
+             "pass the SQuAD folder with --squad")
+
+
+def commands(a, out):
+    """The four stages: (name, argv, the file that shows it is done)."""
+    size = ["--emsize", a.emsize, "--nhid", a.nhid, "--nlayers", a.nlayers, "--nhead", a.nhead]
+    common = ["--device", a.device, "--batch_size", a.batch_size, "--bptt", a.bptt, "--optimizer", "adamw",
+              "--warmup", a.warmup, "--clip", 1.0, "--save-vocab", out / "vocab.txt"]
+    train, dev, _ = squad_files(Path(a.squad))
+    mlm = ["mlm_task.py", *size, *common, "--data-dir", a.wikitext, "--dataset", "WikiText2",
+           "--epochs", a.mlm_epochs, "--lr", a.mlm_lr, "--dropout", a.dropout, "--mask-mode",
+           "bert", "--log-interval", 100, "--save", out / "mlm_bert.pt",
+           "--save-full", out / "full_mlm_model.pt", "--loss-log", out / "mlm_loss.txt",
+           "--state-file", out / "mlm_state.pt", "--cache-dir", out / "cache", "--resume"]
+    ns = ["ns_task.py", *common, "--bert-model", out / "mlm_bert.pt", "--data-dir", a.wikitext,
+          "--dataset", "WikiText2", "--epochs", a.ns_epochs, "--lr", a.ns_lr, "--min_sentence_len", a.min_sentence_len,
+          "--log-interval", 100, "--save", out / "ns_bert.pt", "--save-full", out / "ns_model.pt",
+          "--loss-log", out / "ns_loss.txt", "--state-file", out / "ns_state.pt",
+          "--cache-dir", out / "cache", "--resume"]
+
+    def qa(tag, extra):
+        return ["qa_task.py", *common, "--bert-model", out / "ns_bert.pt", "--train-file", train,
+                "--dev-file", dev, "--epochs", a.qa_epochs, "--lr", a.qa_lr,
+                "--doc-stride", a.doc_stride, "--log-interval", 100,
+                "--save", out / f"{tag}_model.pt", "--predictions", out / f"{tag}_predictions.json",
+                "--loss-log", out / f"{tag}_loss.txt", "--state-file", out / f"{tag}_state.pt",
+                "--resume", *(["--match-feature"] if a.match_feature else []), *extra]
+    stages = [("mlm", mlm, out / "mlm_loss.txt"), ("ns", ns, out / "ns_loss.txt"),
+              ("qa", qa("qa", []), out / "qa_loss.txt")]
+    if not a.no_baseline:
+        stages.append(("qa_random", qa("qa_random", ["--random-init"]), out / "qa_random_loss.txt"))
+    return [(name, [str(x) for x in argv], done) for name, argv, done in stages]
+
+
+NUMBER = r"([-+0-9.eE]+|nan|inf)"
+
+
+def scores(name, text):
+    """The numbers of a stage's printout that go into the table."""
+    found = {}
+
+    def last(pattern):
+        hits = re.findall(pattern, text)
+        return float(hits[-1]) if hits else None
+    if name == "mlm":
+        found["valid ppl"] = last(r"valid ppl\s+" + NUMBER)
+        found["test ppl"] = last(r"End of training \| test loss\s+\S+ \| test ppl\s+" + NUMBER)
+    elif name == "ns":
+        found["test loss"] = last(r"End of training \| test loss\s+" + NUMBER)
+        found["test accuracy"] = last(r"End of training .*test accuracy\s+" + NUMBER)
+    else:
+        end = re.findall(r"End of training \| \S+ loss\s+\S+ \| exact\s+" + NUMBER
+                         + r"% \| f1\s+" + NUMBER + r"%\n\| original-style token metrics \((\d+) "
+                         r"of (\d+) questions\) \| exact\s+" + NUMBER + r"% \| f1\s+" + NUMBER, text)
+        if end:
+            em, f1, kept, total, oem, of1 = end[-1]
+            found.update(EM=float(em), F1=float(f1), questions=int(total), kept=int(kept),
+                         orig_exact=float(oem), orig_f1=float(of1))
+    return found
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def table(results, label, a):
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    rows = ["| stage | result | wall time |", "|---|---|---|"]
+    r = results.get("mlm")
+    if r:
+        rows.append(f"| 1. masked LM (WikiText-2) | valid ppl {fmt(r.get('valid ppl'), '.2f')}, "
+                    f"test ppl {fmt(r.get('test ppl'), '.2f')} | {r['seconds'] / 60:.1f} min |")
+    r = results.get("ns")
+    if r:
+        rows.append(f"| 2. next sentence (WikiText-2) | test loss {fmt(r.get('test loss'), '.4f')}, "
+                    f"accuracy {fmt(r.get('test accuracy'), '.2f')}% | {r['seconds'] / 60:.1f} min |")
+    for key, what in (("qa", "pretrained encoder"), ("qa_random", "random init (baseline)")):
+        r = results.get(key)
+        if r:
+            rows.append(
+                f"| {'3' if key == 'qa' else '4'}. SQuAD v1.1, {what} | {label}, all "
+                f"{r.get('questions', '-')} questions: **EM {fmt(r.get('EM'), '.2f')}, F1 "
+                f"{fmt(r.get('F1'), '.2f')}**; original-style ({r.get('kept', '-')} questions): "
+                f"exact {fmt(r.get('orig_exact'), '.2f')}, F1 {fmt(r.get('orig_f1'), '.2f')} | "
+                f"{r['seconds'] / 60:.1f} min |")
+    pipeline = sum(results[k]["seconds"] for k in ("mlm", "ns", "qa") if k in results)
+    rows.append(f"| pipeline (1-3) | | **{pipeline / 60:.1f} min** |")
+    if "qa" in results and "qa_random" in results:
+        gain = results["qa"].get("F1", 0) - results["qa_random"].get("F1", 0)
+        rows.append(f"| pretraining's gain | F1 {gain:+.2f} points | |")
+    return "\n".join(rows)
+
+
+def write_results(out, results, label, a, stages):
+    text = ["# Laptop recipe: results\n", table(results, label, a), "",
+            f"Machine: {machine()}.", "", "Commands:", ""]
+    text += ["    python " + " ".join(argv) for _, argv, _ in stages]
+    tmp = out / "results.md.tmp"
+    tmp.write_text("\n".join(text) + "\n")
+    tmp.replace(out / "results.md")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main():
+    a = parse()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for flag, folder in (("--wikitext", a.wikitext), ("--squad", a.squad)):
+        if not Path(folder).is_dir():
+            sys.exit(f"recipe.py: error: {flag} {folder} is not a folder")
+    label = squad_files(Path(a.squad))[2]
+    stages = commands(a, out)
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    for name, argv, done in stages:
+        log = out / f"{name}.log"
+        if name in results and done.is_file():
+            print(f"== {name}: done in an earlier run ({log})", flush=True)
+            continue
+        print(f"== {name}: python {' '.join(argv)}", flush=True)
+        start = time.time()
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-u", str(HERE / argv[0]), *argv[1:]],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                f.write(line)
+                f.flush()
+            rc = proc.wait()
+        if rc != 0:
+            sys.exit(f"recipe.py: {name} failed (exit status {rc}); its output is in {log}. "
+                     "Run the same command again to go on from where it stopped.")
+        results[name] = dict(scores(name, log.read_text()), seconds=time.time() - start)
+        write_results(out, results, label, a, stages)
+        print(f"== {name}: {time.time() - start:.0f} s; table in {out / 'results.md'}", flush=True)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
