@@ -2,7 +2,8 @@
 
 Progress is a bar redrawn in place when the output is a terminal, and a plain line
 every `every` seconds otherwise (a SLURM log gets a few lines, not thousands of
-redraws). Work that ends within `quiet` seconds prints nothing. Only the process
+redraws). Work that ends within `quiet` seconds prints nothing. The environment
+variables BERT_PROGRESS_EVERY (30) and BERT_PROGRESS_QUIET (2) change both. Only the process
 whose `monitor.ENABLED` is true prints (utils.setup clears it on ranks other than 0).
 
     for line in progress(lines, "tokenizing", unit="lines"): ...
@@ -14,15 +15,16 @@ import time
 
 ENABLED = True
 EVERY = float(os.environ.get("BERT_PROGRESS_EVERY", 30))  # seconds between plain lines
+QUIET = float(os.environ.get("BERT_PROGRESS_QUIET", 2))  # work shorter than this shows nothing
 
 
 class Progress:
     """Counts done work; see the module docstring for what it prints and when."""
 
-    def __init__(self, desc, total=None, unit="", every=None, quiet=2.0, stream=None):
+    def __init__(self, desc, total=None, unit="", every=None, quiet=None, stream=None):
         self.desc, self.total, self.unit = desc, total, unit
         self.every = EVERY if every is None else every
-        self.quiet = quiet
+        self.quiet = QUIET if quiet is None else quiet
         self.stream = stream or sys.stdout
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.done, self.start, self.last, self.shown = 0, time.time(), 0.0, False

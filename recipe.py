@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 
 # The settings chosen for about 60 minutes on a 2-core CPU (see README, "Laptop recipe").
 DEFAULTS = dict(emsize=256, nhid=1024, nlayers=4, nhead=4, dropout=0.0, batch_size=32, bptt=128,
-                mlm_epochs=3, mlm_lr=1e-3, ns_epochs=1, ns_lr=1e-4, qa_epochs=4, qa_lr=1e-3,
+                mlm_epochs=3, mlm_lr=1e-3, ns_epochs=1, ns_lr=1e-4, qa_epochs=3, qa_lr=1e-3,
                 doc_stride=64, warmup=100, min_sentence_len=60)
 
 
