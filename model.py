@@ -35,6 +35,11 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
+def _compiling():
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return check()
+
+
 def dropout(x, p, training=True):
     """Dropout; on the CPU with a mask drawn 16 bits per element, about 3x faster than F.dropout.
 
@@ -45,8 +50,8 @@ def dropout(x, p, training=True):
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
+    if x.device.type != "cpu" or _compiling():
+        return F.dropout(x, p, True)  # compiled code fuses its own random numbers
     n = x.numel()
     draws = (n + 2) // 3
     # random_() fills int64 with 63 random bits: the low three 16-bit lanes are uniform.
