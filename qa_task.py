@@ -98,8 +98,8 @@ def squad_path(args, flag, name):
 
 def qa_logits(model, inputs, types, match):
     """(N, S) -> start, end logits (N, S) with padding never chosen."""
-    start, end = model(inputs, types, key_padding_mask=inputs == data.PAD, match=match)
     pad = inputs == data.PAD
+    start, end = model(inputs, types, key_padding_mask=pad, match=match)
     return start.float().masked_fill(pad, -1e4), end.float().masked_fill(pad, -1e4)
 
 
@@ -263,7 +263,7 @@ def predict(args):
     tokenizer, vocab = data.Tokenizer(), data.Vocab.load(args.save_vocab)
     device = utils.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     ckpt = utils.load_checkpoint(args.save, "qa_task")
-    utils.check_fit(ckpt, args.save, {**ckpt["config"], "ntoken": len(vocab)}, vocab.fingerprint)
+    utils.check_fit(ckpt, args.save, ckpt["config"], vocab.fingerprint)  # the vocabulary
     raw = QuestionAnswerTask(BertModel(**ckpt["config"]),
                              match_feature="match_embed.weight" in ckpt["model"])
     raw.load_state_dict(ckpt["model"])

@@ -677,7 +677,7 @@ class Trainer:
         per_s = 1000.0 / ms if ms > 0 else 0.0
         values = {"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"],
                   "train/batches_per_s": per_s}
-        if self.fmt[1] == "8.2f":  # the tasks that print a perplexity
+        if self.kind == "mlm_task":
             values["train/ppl"] = safe_exp(loss)
         if torch.is_tensor(first) and first.dim() == 2:
             values["train/sequences_per_s"] = per_s * first.size(0) * DIST.world
