@@ -121,7 +121,7 @@ def main():
 
     rows = []
     for name, model, fwd, fpt in (
-            ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac)),
+            ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
             ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         t = timed(train_step(model, opt, device, a.amp, fwd), a.steps, device)

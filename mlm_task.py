@@ -28,6 +28,10 @@ def build_parser():
     add("--nlayers", type=int, default=12, help="number of layers")
     add("--nhead", type=int, default=12, help="the number of heads in the encoder")
     add("--dropout", type=float, default=0.2, help="dropout applied to layers (0 = no dropout)")
+    add("--norm-first", action="store_true",
+        help="pre-LayerNorm encoder layers (LayerNorm before attention and FFN, one after the "
+             "last layer): faster from scratch on small budgets; BERT's and the original's are "
+             "post-LayerNorm. Stored in the checkpoint: ns_task.py and qa_task.py follow it")
     add("--mask_frac", type=float, default=0.15, help="the fraction of masked tokens")
     add("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
         help="'mask': every masked token becomes <MASK> (the original); "
@@ -100,7 +104,8 @@ def main(args):
                                         split).to(device)
         utils.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
 
-    raw = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout)
+    raw = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout,
+                  args.norm_first)
     raw.to(device)
     utils.print0(f"| model: {count_parameters(raw):,} parameters")
     model = utils.wrap_ddp(raw, args)

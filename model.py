@@ -145,14 +145,19 @@ class MultiheadAttention(nn.Module):
         self.in_proj = nn.Linear(embed_dim, 3 * embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x, key_padding_mask=None):
+    def forward(self, x, key_padding_mask=None, query_index=None):
+        """query_index (N, Q) long: only these positions ask (every position is still a key
+        and value) -> (N, Q, E)."""
         n, s, e = x.shape
         h = self.num_heads
         q, k, v = self.in_proj(x).view(n, s, 3, h, e // h).permute(2, 0, 3, 1, 4).unbind(0)
+        if query_index is not None:
+            s = query_index.size(1)
+            q = q.gather(2, query_index.view(n, 1, s, 1).expand(n, h, s, e // h))
         attn_mask = None
         if key_padding_mask is not None:
             # (N, S) True=pad -> (N, 1, 1, S) True=may attend, broadcast over heads and queries.
-            attn_mask = ~key_padding_mask.view(n, 1, 1, s)
+            attn_mask = ~key_padding_mask.view(n, 1, 1, k.size(2))
         p = self.dropout if self.training else 0.0
         if p > 0.0 and x.device.type == "cpu":
             # SDPA's CPU kernels with dropout fall back to this same computation, with
@@ -167,10 +172,16 @@ class MultiheadAttention(nn.Module):
 
 
 class TransformerEncoderLayer(nn.Module):
-    """Post-LayerNorm encoder layer: x = LN(x + attn(x)); x = LN(x + FFN(x))."""
+    """Post-LayerNorm encoder layer: x = LN(x + attn(x)); x = LN(x + FFN(x)).
 
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="gelu"):
+    norm_first=True gives the pre-LayerNorm layer: x = x + attn(LN(x)); x = x + FFN(LN(x)).
+    It trains faster from scratch on small budgets (BERT itself is post-LayerNorm).
+    """
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="gelu",
+                 norm_first=False):
         super().__init__()
+        self.norm_first = norm_first
         if activation not in ("gelu", "relu"):
             raise ValueError(f"activation must be 'gelu' or 'relu', not {activation!r}")
         self.mha = MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -183,16 +194,24 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = Dropout(dropout)
         self.activation = F.gelu if activation == "gelu" else F.relu
 
-    def forward(self, src, key_padding_mask=None):
-        src = self.norm1(src + self.dropout1(self.mha(src, key_padding_mask)))
-        ff = self.linear2(self.dropout(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout2(ff))
+    def _ff(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def forward(self, src, key_padding_mask=None, query_index=None):
+        """(N, S, E) -> (N, S, E), or (N, Q, E) at query_index (N, Q) only."""
+        res = src if query_index is None else src.gather(
+            1, query_index.unsqueeze(-1).expand(-1, -1, src.size(-1)))
+        if self.norm_first:
+            src = res + self.dropout1(self.mha(self.norm1(src), key_padding_mask, query_index))
+            return src + self._ff(self.norm2(src))
+        src = self.norm1(res + self.dropout1(self.mha(src, key_padding_mask, query_index)))
+        return self.norm2(src + self._ff(src))
 
 
 class BertModel(nn.Module):
     """Embeddings plus `nlayers` encoder layers: (N, S) ids -> (N, S, ninp)."""
 
-    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5):
+    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, norm_first=False):
         super().__init__()
         for name, value in (("ntoken", ntoken), ("ninp", ninp), ("nhead", nhead),
                             ("nhid", nhid), ("nlayers", nlayers)):
@@ -205,18 +224,40 @@ class BertModel(nn.Module):
         # Everything needed to rebuild this encoder from a checkpoint.
         self.config = dict(ntoken=ntoken, ninp=ninp, nhead=nhead, nhid=nhid,
                            nlayers=nlayers, dropout=dropout)
+        if norm_first:  # only then, so that post-LayerNorm checkpoints keep their config
+            self.config["norm_first"] = True
         self.bert_embed = BertEmbedding(ntoken, ninp, dropout)
         self.layers = nn.ModuleList(
-            TransformerEncoderLayer(ninp, nhead, nhid, dropout) for _ in range(nlayers))
+            TransformerEncoderLayer(ninp, nhead, nhid, dropout, norm_first=norm_first)
+            for _ in range(nlayers))
+        # Pre-LayerNorm layers leave their sum unnormalised: one LayerNorm after the last.
+        self.final_norm = nn.LayerNorm(ninp) if norm_first else None
         self.apply(init_weights)
 
-    def forward(self, src, token_type_input=None, key_padding_mask=None, extra_embedding=None):
+    def forward(self, src, token_type_input=None, key_padding_mask=None, extra_embedding=None,
+                positions=None):
+        """(N, S) ids -> (N, S, E); given positions (N, S) bool -> (M, E), the outputs at the M
+        True positions in row-major order. Then the last layer computes only those outputs
+        (its keys and values still come from every position): the same numbers, cheaper."""
         x = self.bert_embed(src, token_type_input, extra_embedding)
         if key_padding_mask is not None and not key_padding_mask.any():
             key_padding_mask = None  # nothing to hide: keep SDPA's fastest kernels
-        for layer in self.layers:
-            x = layer(x, key_padding_mask)
-        return x
+        index = valid = None
+        if positions is not None and not _compiling():
+            counts = positions.sum(1)
+            q = int(counts.max())  # one host sync; the shapes depend on it
+            if 0 < q < src.size(1):
+                # Each row's True positions first, in order; the rest of its q slots is filler.
+                index = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)[:, :q]
+                valid = torch.arange(q, device=src.device) < counts.unsqueeze(1)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, key_padding_mask, index if i == last else None)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if positions is None:
+            return x
+        return x[positions] if index is None else x[valid]
 
 
 class MLMTask(nn.Module):
@@ -227,9 +268,9 @@ class MLMTask(nn.Module):
     only, in row-major order (the same order as src[masked_positions]).
     """
 
-    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5):
+    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, norm_first=False):
         super().__init__()
-        self.bert_model = BertModel(ntoken, ninp, nhead, nhid, nlayers, dropout)
+        self.bert_model = BertModel(ntoken, ninp, nhead, nhid, nlayers, dropout, norm_first)
         self.mlm_span = nn.Linear(ninp, ninp)
         self.activation = F.gelu
         self.norm_layer = nn.LayerNorm(ninp, eps=1e-12)
@@ -238,9 +279,8 @@ class MLMTask(nn.Module):
             head.apply(init_weights)
 
     def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None):
-        out = self.bert_model(src, token_type_input, key_padding_mask)
-        if masked_positions is not None:
-            out = out[masked_positions]  # (M, E): the vocabulary projection is the costly part
+        # (M, E) at masked positions: the vocabulary projection is the costly part
+        out = self.bert_model(src, token_type_input, key_padding_mask, positions=masked_positions)
         return self.mlm_head(self.norm_layer(self.activation(self.mlm_span(out))))
 
 
@@ -295,9 +335,12 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(config, seq_len, masked_frac=1.0):
+def flops_per_token(config, seq_len, masked_frac=1.0, last_frac=1.0):
     """Approximate training FLOPs per token (forward + backward = 3x forward matmuls)."""
     e, f, n, v = config["ninp"], config["nhid"], config["nlayers"], config["ntoken"]
     per_layer = 2 * (4 * e * e + 2 * e * f) + 2 * 2 * seq_len * e  # projections + attention
     head = 2 * (e * e + e * v) * masked_frac
-    return 3 * (n * per_layer + head)
+    # MLMTask's last layer projects queries, keys and values everywhere and the rest
+    # only at the masked positions: last_frac is the share of positions it computes.
+    last = 2 * 3 * e * e + last_frac * (per_layer - 2 * 3 * e * e)
+    return 3 * ((n - 1) * per_layer + last + head)

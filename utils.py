@@ -403,6 +403,9 @@ def finetune_model(head, args, vocab, device):
         print0(f"| --random-init: {args.bert_model} gives the sizes only; the encoder starts "
                "from random weights")
     raw = head(encoder).to(device)
+    if getattr(args, "freeze_embeddings", False):
+        raw.bert_model.bert_embed.embed.weight.requires_grad_(False)
+        print0("| --freeze-embeddings: the word embeddings stay as loaded")
     return raw, wrap_ddp(raw, args)
 
 

@@ -70,3 +70,15 @@ def test_corrupt_vocab_and_checkpoint_are_refused_without_overwriting(tmp_path, 
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--checkpoint", tmp_path / "mlm_bert.pt",
            match="not a checkpoint this project can read")
     assert (tmp_path / "mlm_bert.pt").read_text() == "previous result"
+
+
+def test_norm_first_encoder_is_rebuilt_downstream(tmp_path, wikitext):
+    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--norm-first", cwd=tmp_path)
+    vocab = data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
+    enc = utils.load_encoder(tmp_path / "mlm_bert.pt", vocab)
+    assert enc.config["norm_first"] is True and enc.final_norm is not None
+    # starting from a post-LayerNorm model with --norm-first is refused by name
+    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--save-full", "post.pt",
+               cwd=tmp_path)
+    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--dry-run", "--norm-first", "--checkpoint",
+           "post.pt", match="other sizes.*norm_first")

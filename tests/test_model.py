@@ -137,3 +137,57 @@ def test_attention_dropout_path_matches_sdpa_without_dropout():
     written = mha(x, pad)
     mha.dropout = 0.0  # SDPA
     assert torch.allclose(written, mha(x, pad), atol=1e-5)
+
+
+def test_pre_layernorm_layers_follow_their_formula():
+    torch.manual_seed(0)
+    post = BertModel(V, E, H, FF, L, 0.0).eval()
+    pre = BertModel(V, E, H, FF, L, 0.0, norm_first=True).eval()
+    with torch.no_grad():  # weights large enough for the two layer kinds to differ clearly
+        for w in pre.layers.parameters():
+            w.normal_(0, 0.3)
+    assert "norm_first" not in post.config and pre.config["norm_first"] is True
+    assert post.final_norm is None and isinstance(pre.final_norm, torch.nn.LayerNorm)
+    layer = pre.layers[0]
+    x = torch.randn(2, 5, E)
+    h = x + layer.mha(layer.norm1(x))
+    want = h + layer.linear2(F.gelu(layer.linear1(layer.norm2(h))))
+    assert torch.allclose(layer(x), want, atol=1e-6)
+    src = torch.randint(5, V, (2, 6))
+    x = pre.bert_embed(src)
+    for lyr in pre.layers:
+        x = lyr(x)
+    assert torch.allclose(pre(src), pre.final_norm(x), atol=1e-6)
+    # the same weights as a post-LayerNorm model give another function
+    post.load_state_dict({k: v for k, v in pre.state_dict().items() if not k.startswith("final_norm")})
+    assert not torch.allclose(post(src), pre(src), atol=1e-3)
+    # the config rebuilds it, as the fine-tuning steps do
+    again = BertModel(**pre.config).eval()
+    again.load_state_dict(pre.state_dict())
+    assert torch.equal(again(src), pre(src))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_last_layer_at_masked_positions_only_changes_nothing(norm_first):
+    """MLMTask computes the last layer only where the loss looks; outputs and gradients
+    must be those of the full computation (padding and a row without masks included)."""
+    torch.manual_seed(0)
+    m = MLMTask(V, E, H, FF, 3, 0.0, norm_first=norm_first)
+    src = torch.randint(5, V, (4, 12))
+    masked = torch.rand(4, 12) < 0.3
+    masked[0, 0], masked[1] = True, False
+    pad = torch.zeros(4, 12, dtype=torch.bool)
+    pad[2, 9:] = True
+    masked &= ~pad
+    grads = []
+    for partial in (False, True):
+        m.zero_grad(set_to_none=True)
+        out = m(src, key_padding_mask=pad, masked_positions=masked) if partial \
+            else m(src, key_padding_mask=pad)[masked]
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    (full, g_full), (part, g_part) = grads
+    assert part.shape == (int(masked.sum()), V)
+    assert torch.allclose(full, part, atol=1e-5)
+    for a, b in zip(g_full, g_part):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -216,3 +216,24 @@ def test_next_sentence_pairs_are_learnable():
     with torch.no_grad():
         acc = (model.eval()(x, types, key_padding_mask=x == data.PAD).argmax(1) == y).float().mean()
     assert acc > 0.9
+
+
+def test_freeze_embeddings_keeps_the_word_vectors(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", "--norm-first", cwd=tmp_path)
+    write_squad(tmp_path / "train.json", copies=2)
+    write_squad(tmp_path / "dev.json", prefix="d")
+    common = ["--bert-model", "mlm_bert.pt", "--train-file", "train.json", "--dev-file", "dev.json",
+              "--batch_size", "8", "--bptt", "48", "--epochs", "1", "--optimizer", "adamw",
+              "--lr", "1e-2", "--match-feature"]
+    proc = run_script("qa_task.py", *common, "--freeze-embeddings", cwd=tmp_path)
+    assert "--freeze-embeddings: the word embeddings stay as loaded" in proc.stdout
+    enc = utils.load_checkpoint(tmp_path / "mlm_bert.pt", "encoder")["model"]
+    qa = utils.load_checkpoint(tmp_path / "qa_model.pt", "qa_task")["model"]
+    key = "bert_embed.embed.weight"
+    assert torch.equal(qa["bert_model." + key], enc[key])
+    assert not torch.equal(qa["bert_model.layers.0.linear1.weight"], enc["layers.0.linear1.weight"])
+    assert qa["bert_model.final_norm.weight"].shape == enc["final_norm.weight"].shape  # pre-LN kept
+    run_script("qa_task.py", *common, "--save", "moved.pt", cwd=tmp_path)
+    moved = utils.load_checkpoint(tmp_path / "moved.pt", "qa_task")["model"]
+    assert not torch.equal(moved["bert_model." + key], enc[key])
