@@ -40,6 +40,10 @@ def build_parser():
     add("--save-full", type=str, default="full_mlm_model.pt",
         help="where to keep the best full model (encoder and MLM head)")
     add("--loss-log", type=str, default="mlm_loss.txt", help="the loss log written at the end")
+    utils.add_freeze_flag(p, "at their random initialisation: the encoder learns to read fixed, "
+                          "nearly orthogonal word vectors, which keeps words apart for the "
+                          "exact matching that extractive QA needs (use it in ns_task.py and "
+                          "qa_task.py too)")
     return p
 
 
@@ -107,6 +111,7 @@ def main(args):
     raw = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout,
                   args.norm_first)
     raw.to(device)
+    utils.freeze_embeddings(raw.bert_model, args, "at their random initialisation")
     utils.print0(f"| model: {count_parameters(raw):,} parameters")
     model = utils.wrap_ddp(raw, args)
 

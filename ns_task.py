@@ -35,6 +35,7 @@ def build_parser():
     add("--save-full", type=str, default="ns_model.pt",
         help="where to keep the best full model (encoder and classifier)")
     add("--loss-log", type=str, default="ns_loss.txt", help="the loss log written at the end")
+    utils.add_freeze_flag(p, "(as loaded from --bert-model)")
     return p
 
 

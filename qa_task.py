@@ -49,10 +49,9 @@ def build_parser():
     add("--random-init", action="store_true",
         help="take only the sizes from --bert-model and start from random weights (the "
              "baseline that shows what pretraining brings)")
-    add("--freeze-embeddings", action="store_true",
-        help="keep the encoder's word embeddings fixed: words that occur only in the "
-             "evaluation file keep embeddings that match the rest (DrQA keeps its word vectors "
-             "fixed the same way)")
+    utils.add_freeze_flag(p, "(words that occur only in the evaluation file then keep "
+                          "embeddings of the same kind as the rest; DrQA fixes its word vectors "
+                          "the same way)")
     add("--predictions", type=str, default="predictions.json",
         help="where to write the final answers, {question id: text}")
     add("--loss-log", type=str, default="qa_loss.txt", help="the loss log written at the end")

@@ -9,6 +9,9 @@ Runs, one after another, each as its own process with its printout kept in OUT/*
     3. qa_task.py   SQuAD v1.1 fine-tuning of the pretrained encoder
     4. qa_task.py   the same fine-tuning from a randomly initialised encoder (the
                     baseline that shows what pretraining brings; --no-baseline skips it)
+    5. qa_task.py   that baseline once more, with its word vectors trained (QA runs
+                    with --freeze-embeddings unless --no-freeze-embeddings; fixed random
+                    word vectors could handicap the baseline)
 
 SQuAD: train-v1.1.json / dev-v1.1.json (plain or .gz) in --squad when they are there;
 otherwise dev-split-train-v1.1.json / dev-split-eval-v1.1.json, a split of the
@@ -35,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 
 # The settings chosen for about 60 minutes on a 2-core CPU (see README, "Laptop recipe").
 DEFAULTS = dict(emsize=256, nhid=1024, nlayers=4, nhead=4, dropout=0.0, batch_size=32, bptt=128,
-                mlm_epochs=3, mlm_lr=1e-3, ns_epochs=1, ns_lr=1e-4, qa_epochs=3, qa_lr=1e-3,
+                mlm_epochs=3, mlm_lr=1e-3, ns_epochs=1, ns_lr=3e-5, qa_epochs=3, qa_lr=1e-3,
                 doc_stride=64, warmup=100, min_sentence_len=60)
 
 
@@ -50,6 +53,8 @@ def parse(argv=None):
                    help="skip the random-initialisation QA run")
     p.add_argument("--no-match-feature", dest="match_feature", action="store_false",
                    help="fine-tune the original QA model, without qa_task.py --match-feature")
+    p.add_argument("--no-freeze-embeddings", dest="freeze_embeddings", action="store_false",
+                   help="train the word embeddings in every stage (without --freeze-embeddings)")
     for name, value in DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     return p.parse_args(argv)
@@ -79,28 +84,34 @@ def commands(a, out):
     common = ["--device", a.device, "--batch_size", a.batch_size, "--bptt", a.bptt, "--optimizer", "adamw",
               "--warmup", a.warmup, "--clip", 1.0, "--save-vocab", out / "vocab.txt"]
     train, dev, _ = squad_files(Path(a.squad))
+    freeze = ["--freeze-embeddings"] if a.freeze_embeddings else []
     mlm = ["mlm_task.py", *size, *common, "--data-dir", a.wikitext, "--dataset", "WikiText2",
            "--epochs", a.mlm_epochs, "--lr", a.mlm_lr, "--dropout", a.dropout, "--mask-mode",
            "bert", "--log-interval", 100, "--save", out / "mlm_bert.pt",
            "--save-full", out / "full_mlm_model.pt", "--loss-log", out / "mlm_loss.txt",
-           "--state-file", out / "mlm_state.pt", "--cache-dir", out / "cache", "--resume"]
+           "--state-file", out / "mlm_state.pt", "--cache-dir", out / "cache", "--resume", *freeze]
     ns = ["ns_task.py", *common, "--bert-model", out / "mlm_bert.pt", "--data-dir", a.wikitext,
           "--dataset", "WikiText2", "--epochs", a.ns_epochs, "--lr", a.ns_lr, "--min_sentence_len", a.min_sentence_len,
           "--log-interval", 100, "--save", out / "ns_bert.pt", "--save-full", out / "ns_model.pt",
           "--loss-log", out / "ns_loss.txt", "--state-file", out / "ns_state.pt",
-          "--cache-dir", out / "cache", "--resume"]
+          "--cache-dir", out / "cache", "--resume", *freeze]
 
-    def qa(tag, extra):
+    def qa(tag, extra, freeze=a.freeze_embeddings):
         return ["qa_task.py", *common, "--bert-model", out / "ns_bert.pt", "--train-file", train,
                 "--dev-file", dev, "--epochs", a.qa_epochs, "--lr", a.qa_lr,
                 "--doc-stride", a.doc_stride, "--log-interval", 100,
                 "--save", out / f"{tag}_model.pt", "--predictions", out / f"{tag}_predictions.json",
                 "--loss-log", out / f"{tag}_loss.txt", "--state-file", out / f"{tag}_state.pt",
-                "--resume", *(["--match-feature"] if a.match_feature else []), *extra]
+                "--resume", *(["--match-feature"] if a.match_feature else []),
+                *(["--freeze-embeddings"] if freeze else []), *extra]
     stages = [("mlm", mlm, out / "mlm_loss.txt"), ("ns", ns, out / "ns_loss.txt"),
               ("qa", qa("qa", []), out / "qa_loss.txt")]
     if not a.no_baseline:
         stages.append(("qa_random", qa("qa_random", ["--random-init"]), out / "qa_random_loss.txt"))
+        if a.freeze_embeddings:
+            # Fixed random word vectors may handicap the baseline: also let it train them.
+            stages.append(("qa_random_trainable", qa("qa_random_trainable", ["--random-init"], False),
+                           out / "qa_random_trainable_loss.txt"))
     return [(name, [str(x) for x in argv], done) for name, argv, done in stages]
 
 
@@ -155,20 +166,24 @@ def table(results, label, a):
     if r:
         rows.append(f"| 2. next sentence (WikiText-2) | test loss {fmt(r.get('test loss'), '.4f')}, "
                     f"accuracy {fmt(r.get('test accuracy'), '.2f')}% | {r['seconds'] / 60:.1f} min |")
-    for key, what in (("qa", "pretrained encoder"), ("qa_random", "random init (baseline)")):
+    frozen = a.freeze_embeddings
+    for n, key, what in ((3, "qa", "pretrained encoder"),
+                         (4, "qa_random", "random init (baseline)" + (", fixed word vectors" if frozen else "")),
+                         (5, "qa_random_trainable", "random init (baseline), word vectors trained")):
         r = results.get(key)
         if r:
             rows.append(
-                f"| {'3' if key == 'qa' else '4'}. SQuAD v1.1, {what} | {label}, all "
+                f"| {n}. SQuAD v1.1, {what} | {label}, all "
                 f"{r.get('questions', '-')} questions: **EM {fmt(r.get('EM'), '.2f')}, F1 "
                 f"{fmt(r.get('F1'), '.2f')}**; original-style ({r.get('kept', '-')} questions): "
                 f"exact {fmt(r.get('orig_exact'), '.2f')}, F1 {fmt(r.get('orig_f1'), '.2f')} | "
                 f"{r['seconds'] / 60:.1f} min |")
     pipeline = sum(results[k]["seconds"] for k in ("mlm", "ns", "qa") if k in results)
     rows.append(f"| pipeline (1-3) | | **{pipeline / 60:.1f} min** |")
-    if "qa" in results and "qa_random" in results:
-        gain = results["qa"].get("F1", 0) - results["qa_random"].get("F1", 0)
-        rows.append(f"| pretraining's gain | F1 {gain:+.2f} points | |")
+    gains = [f"F1 {results['qa'].get('F1', 0) - results[k].get('F1', 0):+.2f} points over {n}"
+             for n, k in ((4, "qa_random"), (5, "qa_random_trainable")) if "qa" in results and k in results]
+    if gains:
+        rows.append(f"| pretraining's gain | {'; '.join(gains)} | |")
     return "\n".join(rows)
 
 

@@ -403,10 +403,20 @@ def finetune_model(head, args, vocab, device):
         print0(f"| --random-init: {args.bert_model} gives the sizes only; the encoder starts "
                "from random weights")
     raw = head(encoder).to(device)
-    if getattr(args, "freeze_embeddings", False):
-        raw.bert_model.bert_embed.embed.weight.requires_grad_(False)
-        print0("| --freeze-embeddings: the word embeddings stay as loaded")
+    freeze_embeddings(raw.bert_model, args, "as loaded")
     return raw, wrap_ddp(raw, args)
+
+
+def add_freeze_flag(parser, why):
+    parser.add_argument("--freeze-embeddings", action="store_true",
+                        help="keep the encoder's word embeddings fixed " + why)
+
+
+def freeze_embeddings(bert_model, args, state):
+    """--freeze-embeddings: the word embeddings get no gradient (the optimizer skips them)."""
+    if getattr(args, "freeze_embeddings", False):
+        bert_model.bert_embed.embed.weight.requires_grad_(False)
+        print0(f"| --freeze-embeddings: the word embeddings stay {state}")
 
 
 def save_task(path, model, kind, vocab_fingerprint):

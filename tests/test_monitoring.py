@@ -218,14 +218,17 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     table = (tmp_path / "out" / "results.md").read_text()
     assert re.search(r"^\| 1\. masked LM \(WikiText-2\) \| valid ppl [\d.]+, test ppl [\d.]+ \|", table, re.M)
     assert re.search(r"^\| 2\. next sentence .* test loss [\d.]+, accuracy [\d.]+% \|", table, re.M)
-    for what in ("pretrained encoder", r"random init \(baseline\)"):
+    for what in ("pretrained encoder", r"random init \(baseline\), fixed word vectors",
+                 r"random init \(baseline\), word vectors trained"):
         assert re.search(rf"^\| \d\. SQuAD v1\.1, {what} \| dev-split, all 9 questions: \*\*EM [\d.]+, "
                          r"F1 [\d.]+\*\*; original-style", table, re.M)
-    assert "pretraining's gain | F1" in table and "Machine:" in table
-    assert "--match-feature" in table and "--random-init" in table
+    assert re.search(r"pretraining's gain \| F1 [-+][\d.]+ points over 4; F1 [-+][\d.]+ points over 5 \|",
+                     table)
+    assert "Machine:" in table and "--match-feature" in table and "--random-init" in table
+    assert table.count("--freeze-embeddings") == 4  # stages 1-4; stage 5 trains them
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                            timeout=600)
-    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 4
+    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 5
     missing = subprocess.run(cmd[:4] + ["--squad", str(wt)], cwd=tmp_path, env=script_env(),
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "dev-split-train-v1.1.json" in missing.stderr

@@ -220,7 +220,15 @@ def test_next_sentence_pairs_are_learnable():
 
 def test_freeze_embeddings_keeps_the_word_vectors(tmp_path):
     wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
-    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", "--norm-first", cwd=tmp_path)
+    key = "bert_embed.embed.weight"
+    for epochs in ("2", "1"):  # the same seed, so the same initial vectors; they must not move
+        run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", epochs, "--norm-first",
+                   "--freeze-embeddings", "--save", f"mlm{epochs}.pt", cwd=tmp_path)
+    two = utils.load_checkpoint(tmp_path / "mlm2.pt", "encoder")["model"]
+    enc = utils.load_checkpoint(tmp_path / "mlm1.pt", "encoder")["model"]
+    assert torch.equal(two[key], enc[key])
+    assert not torch.equal(two["layers.0.linear1.weight"], enc["layers.0.linear1.weight"])
+    (tmp_path / "mlm1.pt").rename(tmp_path / "mlm_bert.pt")
     write_squad(tmp_path / "train.json", copies=2)
     write_squad(tmp_path / "dev.json", prefix="d")
     common = ["--bert-model", "mlm_bert.pt", "--train-file", "train.json", "--dev-file", "dev.json",
@@ -228,9 +236,7 @@ def test_freeze_embeddings_keeps_the_word_vectors(tmp_path):
               "--lr", "1e-2", "--match-feature"]
     proc = run_script("qa_task.py", *common, "--freeze-embeddings", cwd=tmp_path)
     assert "--freeze-embeddings: the word embeddings stay as loaded" in proc.stdout
-    enc = utils.load_checkpoint(tmp_path / "mlm_bert.pt", "encoder")["model"]
     qa = utils.load_checkpoint(tmp_path / "qa_model.pt", "qa_task")["model"]
-    key = "bert_embed.embed.weight"
     assert torch.equal(qa["bert_model." + key], enc[key])
     assert not torch.equal(qa["bert_model.layers.0.linear1.weight"], enc["layers.0.linear1.weight"])
     assert qa["bert_model.final_norm.weight"].shape == enc["final_norm.weight"].shape  # pre-LN kept
