@@ -175,7 +175,7 @@ class TransformerEncoderLayer(nn.Module):
     """Post-LayerNorm encoder layer: x = LN(x + attn(x)); x = LN(x + FFN(x)).
 
     norm_first=True gives the pre-LayerNorm layer: x = x + attn(LN(x)); x = x + FFN(LN(x)).
-    It trains faster from scratch on small budgets (BERT itself is post-LayerNorm).
+    BERT itself is post-LayerNorm.
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="gelu",

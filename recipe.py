@@ -88,17 +88,17 @@ def commands(a, out):
     common = ["--device", a.device, "--batch_size", a.batch_size, "--bptt", a.bptt, "--optimizer", "adamw",
               "--warmup", a.warmup, "--clip", 1.0, "--save-vocab", out / "vocab.txt"]
     train, dev, _ = squad_files(Path(a.squad))
-    freeze = ["--freeze-embeddings"] if a.freeze_embeddings and a.freeze_pretraining else []
+    pretrain_freeze = ["--freeze-embeddings"] if a.freeze_embeddings and a.freeze_pretraining else []
     mlm = ["mlm_task.py", *size, *common, "--data-dir", a.wikitext, "--dataset", "WikiText2",
            "--epochs", a.mlm_epochs, "--lr", a.mlm_lr, "--dropout", a.dropout, "--mask-mode",
            "bert", "--log-interval", 100, "--save", out / "mlm_bert.pt",
            "--save-full", out / "full_mlm_model.pt", "--loss-log", out / "mlm_loss.txt",
-           "--state-file", out / "mlm_state.pt", "--cache-dir", out / "cache", "--resume", *freeze]
+           "--state-file", out / "mlm_state.pt", "--cache-dir", out / "cache", "--resume", *pretrain_freeze]
     ns = ["ns_task.py", *common, "--bert-model", out / "mlm_bert.pt", "--data-dir", a.wikitext,
           "--dataset", "WikiText2", "--epochs", a.ns_epochs, "--lr", a.ns_lr, "--min_sentence_len", a.min_sentence_len,
           "--log-interval", 100, "--save", out / "ns_bert.pt", "--save-full", out / "ns_model.pt",
           "--loss-log", out / "ns_loss.txt", "--state-file", out / "ns_state.pt",
-          "--cache-dir", out / "cache", "--resume", *freeze]
+          "--cache-dir", out / "cache", "--resume", *pretrain_freeze]
 
     def qa(tag, extra, freeze=a.freeze_embeddings):
         return ["qa_task.py", *common, "--bert-model", out / "ns_bert.pt", "--train-file", train,
