@@ -32,6 +32,9 @@ def build_parser():
         help="pre-LayerNorm encoder layers (LayerNorm before attention and FFN, one after the "
              "last layer) instead of BERT's and the original's post-LayerNorm ones. Stored in "
              "the checkpoint: ns_task.py and qa_task.py follow it")
+    add("--tie-weights", action="store_true",
+        help="use the word embeddings as the masked-LM output projection, as BERT does (the "
+             "original keeps a separate one)")
     add("--mask_frac", type=float, default=0.15, help="the fraction of masked tokens")
     add("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
         help="'mask': every masked token becomes <MASK> (the original); "
@@ -51,6 +54,9 @@ def check_args(args):
                          "bptt", "log_interval", "lr")
     if args.emsize % args.nhead:
         raise utils.UserError(f"--nhead {args.nhead} must divide --emsize {args.emsize}")
+    if args.tie_weights and args.freeze_embeddings:
+        raise utils.UserError("--tie-weights makes the word embeddings the output projection, "
+                              "which --freeze-embeddings would fix too; pass one of them")
     if not 0.0 < args.mask_frac < 1.0:
         raise utils.UserError(f"--mask_frac must be between 0 and 1, got {args.mask_frac}")
     if not 0.0 <= args.dropout < 1.0:
@@ -108,7 +114,7 @@ def main(args):
         utils.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
 
     raw = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout,
-                  args.norm_first)
+                  args.norm_first, args.tie_weights)
     raw.to(device)
     utils.freeze_embeddings(raw.bert_model, args, "at their random initialisation")
     utils.print0(f"| model: {count_parameters(raw):,} parameters")

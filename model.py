@@ -268,7 +268,8 @@ class MLMTask(nn.Module):
     only, in row-major order (the same order as src[masked_positions]).
     """
 
-    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, norm_first=False):
+    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, norm_first=False,
+                 tie_weights=False):
         super().__init__()
         self.bert_model = BertModel(ntoken, ninp, nhead, nhid, nlayers, dropout, norm_first)
         self.mlm_span = nn.Linear(ninp, ninp)
@@ -277,6 +278,8 @@ class MLMTask(nn.Module):
         self.mlm_head = nn.Linear(ninp, ntoken)
         for head in (self.mlm_span, self.norm_layer, self.mlm_head):
             head.apply(init_weights)
+        if tie_weights:  # BERT's: the vocabulary projection is the word embedding matrix
+            self.mlm_head.weight = self.bert_model.bert_embed.embed.weight
 
     def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None):
         # (M, E) at masked positions: the vocabulary projection is the costly part

@@ -456,6 +456,13 @@ def check_heads(state, model, path):
         odd = sorted((theirs - mine) | (mine - theirs))
         raise UserError(f"{path} does not fit this model: its layers differ in {', '.join(odd[:4])}; "
                         "pass the flags it was trained with (e.g. --match-feature)")
+    head = getattr(model, "mlm_head", None)
+    if head is not None:  # loading untied weights into a tied model would overwrite the embeddings
+        embed = "bert_model.bert_embed.embed.weight"
+        mine = head.weight is model.bert_model.bert_embed.embed.weight
+        if mine != torch.equal(state["mlm_head.weight"], state[embed]):
+            raise UserError(f"{path} was trained {'without' if mine else 'with'} --tie-weights; "
+                            "pass the flags it was trained with")
 
 
 # --------------------------------------------------------------------------- training loop

@@ -82,3 +82,24 @@ def test_norm_first_encoder_is_rebuilt_downstream(tmp_path, wikitext):
                cwd=tmp_path)
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--dry-run", "--norm-first", "--checkpoint",
            "post.pt", match="other sizes.*norm_first")
+
+
+def test_tie_weights_shares_the_embeddings_with_the_output_projection(tmp_path, wikitext):
+    from model import MLMTask
+    tied, untied = MLMTask(100, 32, 2, 64, 2, tie_weights=True), MLMTask(100, 32, 2, 64, 2)
+    assert tied.mlm_head.weight is tied.bert_model.bert_embed.embed.weight
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(untied) - count(tied) == 100 * 32
+    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--tie-weights",
+               "--optimizer", "adamw", "--lr", "1e-2", cwd=tmp_path)
+    full = utils.load_checkpoint(tmp_path / "full_mlm_model.pt", "mlm_task")["model"]
+    assert torch.equal(full["mlm_head.weight"], full["bert_model.bert_embed.embed.weight"])
+    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--tie-weights", "--freeze-embeddings",
+           match="--tie-weights .* pass one of them")
+    # a tied model is not silently resumed untied, nor the other way round
+    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--dry-run", "--checkpoint",
+           "full_mlm_model.pt", match="full_mlm_model.pt was trained with --tie-weights")
+    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--save-full", "untied.pt",
+               cwd=tmp_path)
+    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--dry-run", "--tie-weights", "--checkpoint",
+           "untied.pt", match="untied.pt was trained without --tie-weights")

@@ -229,6 +229,10 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 5
+    assert "--tie-weights" in table
+    clash = subprocess.run(cmd + ["--freeze-pretraining"], cwd=tmp_path, env=script_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert clash.returncode != 0 and "add --no-tie-weights" in clash.stderr
     missing = subprocess.run(cmd[:4] + ["--squad", str(wt)], cwd=tmp_path, env=script_env(),
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "dev-split-train-v1.1.json" in missing.stderr
