@@ -41,11 +41,11 @@ def _compiling():
 
 
 def dropout(x, p, training=True):
-    """Dropout; on the CPU with a mask drawn 16 bits per element, about 3x faster than F.dropout.
+    """Dropout; on the CPU with a mask drawn 16 bits per element, several times faster than F.dropout.
 
     F.dropout on the CPU draws one random number per element through bernoulli_, which
     made dropout a third of a small model's training step. Here one 64-bit draw gives
-    three 16-bit lanes, and an element is dropped when its lane is below p * 2**16
+    four 16-bit lanes, and an element is dropped when its lane is below p * 2**16
     (p is honoured to 1/65536). Off the CPU, F.dropout's fused kernel is used.
     """
     if not training or p == 0.0:
@@ -53,10 +53,10 @@ def dropout(x, p, training=True):
     if x.device.type != "cpu" or _compiling():
         return F.dropout(x, p, True)  # compiled code fuses its own random numbers
     n = x.numel()
-    draws = (n + 2) // 3
-    # random_() fills int64 with 63 random bits: the low three 16-bit lanes are uniform.
-    lanes = torch.empty(draws, dtype=torch.int64).random_().view(torch.int16).view(draws, 4)[:, :3]
-    keep = (lanes >= round(p * 65536) - 32768).reshape(-1)[:n].view(x.shape)
+    # random_(min, None) fills int64 with all 64 bits random: four uniform 16-bit lanes,
+    # compared in one contiguous pass.
+    lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)
+    keep = (lanes >= round(p * 65536) - 32768)[:n].view(x.shape)
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # a float mask: the fastest product
 
 

@@ -118,6 +118,9 @@ def test_cpu_dropout_rate_scale_and_gradient():
     y = dropout(x, 0.3)
     dropped = (y == 0).float().mean().item()
     assert abs(dropped - 0.3) < 0.005
+    # each 64-bit draw serves four neighbours: every one of the four lanes drops at p
+    per_lane = (y.detach().view(-1, 4) == 0).float().mean(0)
+    assert torch.all((per_lane - 0.3).abs() < 0.01), per_lane
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient passes the same mask and scale
