@@ -10,7 +10,9 @@ Prints, for a masked-LM step and a QA step (forward, backward, SGD update), the 
 per step, tokens/s, the share of the machine's peak GEMM rate (measured here first)
 and the ratio to transformers; then the data pipeline alone (MLM and QA batches/s)
 and its share of this project's step time. transformers is optional (only this
-script uses it): without it only this project's numbers are printed.
+script uses it): without it only this project's numbers are printed. The models'
+steps are timed in turns (one step of each per round), so that a machine whose speed
+drifts during the run (a shared one) weighs on all of them alike.
 """
 import argparse
 import time
@@ -33,7 +35,8 @@ def parse():
     p.add_argument("--vocab", type=int, default=33280)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps of each model (after one warm-up step), taken in turns")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile this project's model")
@@ -53,6 +56,23 @@ def timed(fn, steps, device):
         fn()
     sync(device)
     return (time.perf_counter() - start) / steps
+
+
+def timed_together(fns, steps, device):
+    """Mean seconds per call of each fn, timed in turns (one call of each per round, after
+    one warm-up call each), so that a machine slowing down or speeding up during the run
+    weighs on every fn alike and their ratios stay fair."""
+    for fn in fns:
+        fn()
+    totals = [0.0] * len(fns)
+    for _ in range(steps):
+        for i, fn in enumerate(fns):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            totals[i] += time.perf_counter() - start
+    return [t / steps for t in totals]
 
 
 def peak_gemm(device, dtype, n=2048):
@@ -119,13 +139,13 @@ def main():
         s, e = run_qa(inputs)
         return (F.cross_entropy(s.float(), starts) + F.cross_entropy(e.float(), ends)) / 2
 
-    rows = []
+    # (name, amp, step, flops per token): every step is timed in the same rounds.
+    runs = []
     for name, model, fwd, fpt in (
             ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
             ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        t = timed(train_step(model, opt, device, a.amp, fwd), a.steps, device)
-        rows.append((name, a.amp, t, fpt))
+        runs.append((name, a.amp, train_step(model, opt, device, a.amp, fwd), fpt))
     hf = hf_models(a)
     if hf is None:
         print("| transformers is not installed (pip install transformers): no comparison")
@@ -139,8 +159,9 @@ def main():
                     (f"{version}, masked LM", hf_mlm, fwd_mlm, flops_per_token(cfg, a.seq, 1.0)),
                     (f"{version}, QA", hf_qa, fwd_qa, flops_per_token(cfg, a.seq, 0.0))):
                 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-                rows.append((name, amp, timed(train_step(model, opt, device, amp, fwd), a.steps,
-                                              device), fpt))
+                runs.append((name, amp, train_step(model, opt, device, amp, fwd), fpt))
+    times = timed_together([step for _, _, step, _ in runs], a.steps, device)
+    rows = [(name, amp, t, fpt) for (name, amp, _, fpt), t in zip(runs, times)]
 
     print(f"| {'step':42s} | {'amp':4s} | {'ms/step':>9s} | {'tokens/s':>9s} | {'of peak':>7s} | "
           f"{'vs transformers fp32':>20s} |")
