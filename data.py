@@ -243,7 +243,8 @@ def safe_extract(zip_path, target):
                         "download it again") from None
 
 
-def _find(folder, name):
+def find_file(folder, name):
+    """folder/name or folder/name.gz, whichever is a file; else None."""
     for cand in (folder / name, folder / (name + ".gz")):
         if cand.is_file():
             return cand
@@ -274,7 +275,7 @@ def wikitext_files(dataset, data_dir, allow_download=True):
     wanted = "wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens"
     for attempt in range(2):
         for d in (data_dir, data_dir / folder):
-            found = {s: _find(d, n) for s, n in names.items()}
+            found = {s: find_file(d, n) for s, n in names.items()}
             if all(found.values()):
                 return found
         if attempt == 0:
@@ -603,7 +604,7 @@ SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
 def squad_file(data_dir, name, allow_download=True):
     """data_dir/name (or name.gz); the official files are downloaded when absent."""
     data_dir = Path(data_dir)
-    found = _find(data_dir, name)
+    found = find_file(data_dir, name)
     if found:
         return found
     if name in SQUAD and allow_download:
@@ -644,6 +645,109 @@ def read_squad(path):
         raise DataError(f"{path} is not in the SQuAD v1.1 format (problem at {e!r})") from None
     if not paragraphs:
         raise DataError(f"{path} holds no SQuAD paragraphs")
+    return paragraphs
+
+
+# --------------------------------------------------------------------------- cloze questions
+
+_CLOZE_SKIP = frozenset(
+    "the a an of in on at to and or for by with from as is was were be been are it its this that "
+    "which who he she they his her their also but not had has have after before during into than "
+    "then there these those when while where would could can may does did will should being such "
+    "some other more most only both each over through about between within without however "
+    "although because against under until upon very many much what them also what whom whose "
+    "into onto made make first later several".split())
+_MONTHS = frozenset("January February March April May June July August September October "
+                    "November December".split())
+_NUMBER = re.compile(r"[0-9][0-9,.]*")
+
+
+def _cloze_answer(words, rng):
+    """(i, j): the answer span words[i:j] of a sentence. Mostly a run of up to four
+    capitalised words or numbers not at the sentence start (the names, dates and
+    amounts SQuAD asks about), else one longer lower-case word."""
+    def named(w):
+        return bool(_NUMBER.fullmatch(w)) or (len(w) > 1 and w[:1].isupper() and w.isalpha()
+                                              and w.lower() not in _CLOZE_SKIP)
+    runs, i = [], 1
+    while i < len(words):
+        if named(words[i]):
+            j = i + 1
+            while j < len(words) and j - i < 4 and named(words[j]):
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    if not runs or rng.random() < 0.3:
+        runs += [(k, k + 1) for k, w in enumerate(words)
+                 if w.isalpha() and len(w) > 3 and w.lower() not in _CLOZE_SKIP]
+    return rng.choice(runs) if runs else None
+
+
+def _cloze_wh(answer):
+    first = answer[0]
+    if re.fullmatch(r"1[0-9]{3}|20[0-9]{2}", first) or first in _MONTHS:
+        return "when"
+    if _NUMBER.fullmatch(first):
+        return "how many"
+    return "who" if first[:1].isupper() else "what"
+
+
+def cloze_questions(lines, seed=0, max_words=90, drop=0.25):
+    """Questions without labels from running text, in read_squad's form: span-selection
+    pretraining for SQuAD. lines: WikiText lines (a line is a paragraph; headings,
+    ' = Title = ', are skipped; ' @-@ ', ' @,@ ', ' @.@ ' are joined back). Each
+    paragraph is cut into contexts of whole sentences, up to max_words words. From every
+    sentence of 8 to 40 words one answer span is taken (_cloze_answer); its question is a
+    wh-word for the span's kind (when, how many, who, what) followed by the sentence
+    without the span, each remaining word dropped with probability drop and `<unk>`
+    words left out, so that the model must find the sentence by its words and pick what
+    the question lacks, as in SQuAD. The same lines and seed give the same questions."""
+    rng = __import__("random").Random(seed)
+    paragraphs, count = [], 0
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
+            line = line.replace(a, b)
+        sentences, current = [], []
+        for word in line.split():
+            current.append(word)
+            if word in (".", "!", "?"):
+                sentences.append(current)
+                current = []
+        if current:
+            sentences.append(current)
+        contexts, current, words = [], [], 0
+        for sentence in sentences:
+            if current and words + len(sentence) > max_words:
+                contexts.append(current)
+                current, words = [], 0
+            current.append(sentence)
+            words += len(sentence)
+        if current:
+            contexts.append(current)
+        for context in contexts:
+            text = " ".join(w for sentence in context for w in sentence)
+            qas, offset = [], 0
+            for sentence in context:
+                span = _cloze_answer(sentence, rng) if 8 <= len(sentence) <= 40 else None
+                if span is not None:
+                    i, j = span
+                    answer = " ".join(sentence[i:j])
+                    body = sentence[:-1] if sentence[-1] in (".", "!", "?") else sentence
+                    kept = [w for k, w in enumerate(body) if not i <= k < j and w != "<unk>"
+                            and rng.random() >= drop]
+                    start = offset + sum(len(w) + 1 for w in sentence[:i])
+                    count += 1
+                    qas.append(dict(id=f"cloze-{count}",
+                                    question=" ".join([_cloze_wh(sentence[i:j])] + kept) + " ?",
+                                    answers=[(answer, start)]))
+                offset += sum(len(w) + 1 for w in sentence)
+            if qas:
+                paragraphs.append(dict(context=text, qas=qas))
     return paragraphs
 
 

@@ -3,13 +3,17 @@
     python qa_task.py --bert-model ns_bert.pt                       # .data/SQuAD1, downloaded
     python qa_task.py --bert-model ns_bert.pt --data-dir DIR --epochs 30
     python qa_task.py --bert-model ns_bert.pt --train-file T.json --dev-file D.json --doc-stride 64
+    python qa_task.py --bert-model ns_bert.pt --cloze-dir WIKITEXT --save cloze.pt   # then
+    python qa_task.py --bert-model ns_bert.pt --checkpoint cloze.pt --data-dir DIR
 
 The model reads <cls> question <sep> context <sep> (cut to --bptt) and scores each
 position as the answer's start and end. Every dev question is scored with the
 official SQuAD v1.1 exact match and F1 (a question whose answer was cut off scores
 0); the original example's token-level numbers are printed beside them. Writes
 qa_model.pt (best on dev F1), predictions.json ({question id: answer}, the format
-the official evaluation script reads) and qa_loss.txt.
+the official evaluation script reads) and qa_loss.txt. With --cloze-dir it trains on
+questions made without labels from WikiText's sentences instead (span-selection
+pretraining, see data.cloze_questions), for a SQuAD run that starts from its model.
 """
 import functools
 import json
@@ -49,6 +53,10 @@ def build_parser():
     add("--random-init", action="store_true",
         help="take only the sizes from --bert-model and start from random weights (the "
              "baseline that shows what pretraining brings)")
+    add("--cloze-dir", type=str, default=None, metavar="DIR",
+        help="span-selection pretraining: train on questions made without labels from the "
+             "WikiText corpus in DIR (wiki.train.tokens; scored on wiki.valid.tokens) instead of "
+             "SQuAD, then fine-tune on SQuAD from the model it writes with --checkpoint FILE")
     utils.add_freeze_flag(p, "(words that occur only in the evaluation file then keep "
                           "embeddings of the same kind as the rest; DrQA fixes its word vectors "
                           "the same way)")
@@ -76,6 +84,12 @@ def check_args(args):
     if asking and not args.predict:
         raise utils.UserError(f"--{asking[0].replace('_', '-')} is for answering questions: add "
                               "--predict")
+    if args.cloze_dir is not None:
+        given = [f for f in ("train_file", "dev_file", "test_file", "predict_file")
+                 if getattr(args, f) is not None]
+        if given or args.predict:
+            raise utils.UserError(f"--cloze-dir makes its own questions; drop "
+                                  f"--{(given[0] if given else 'predict').replace('_', '-')}")
     if args.predict:
         one = args.question is not None and (args.context is not None or args.context_file)
         if args.predict_file is None and not one:
@@ -288,6 +302,36 @@ def predict(args):
         utils.print0(f"| wrote {len(answers)} answers to {args.predictions}")
 
 
+def cloze_files(folder, tokenizer, bptt):
+    """(train paragraphs, evaluation paragraphs): cloze questions from WikiText's train and
+    valid splits in folder (data.cloze_questions), leaving out those that take more than
+    half of the --bptt window."""
+    files = {}
+    for where in (Path(folder), Path(folder) / "wikitext-2", Path(folder) / "wikitext-103"):
+        files = {s: data.find_file(where, f"wiki.{s}.tokens") for s in ("train", "valid")}
+        if all(files.values()):
+            break
+    if not all(files.values()):
+        raise data.DataError(f"--cloze-dir {folder} holds no wiki.train.tokens and "
+                             "wiki.valid.tokens (plain or .gz); pass the folder of WikiText's "
+                             "files")
+
+    def fitting(paragraphs):
+        for para in paragraphs:
+            para["qas"] = [qa for qa in para["qas"] if len(tokenizer(qa["question"])) <= bptt // 2]
+        return [para for para in paragraphs if para["qas"]]
+    train, valid = (fitting(data.cloze_questions(data.read_lines([files[s]])))
+                    for s in ("train", "valid"))
+    for split, paragraphs in (("train", train), ("valid", valid)):
+        if not paragraphs:
+            raise data.DataError(f"{files[split]} gives no cloze questions: it needs "
+                                 "sentences of 8 to 40 words (and a --bptt that fits them)")
+    utils.print0(f"| --cloze-dir: {sum(len(p['qas']) for p in train)} questions made from "
+                 f"{files['train'].name}, {sum(len(p['qas']) for p in valid)} from "
+                 f"{files['valid'].name}")
+    return train, valid
+
+
 def main(args):
     check_args(args)
     if args.predict:
@@ -297,12 +341,15 @@ def main(args):
     head = functools.partial(QuestionAnswerTask, match_feature=args.match_feature)
     raw, model = utils.finetune_model(head, args, vocab, device)
 
-    train_path = squad_path(args, "train_file", "train-v1.1.json")
-    dev_path = squad_path(args, "dev_file", "dev-v1.1.json")
-    examples, feats = data.squad_features(data.read_squad(train_path), tokenizer, vocab,
+    if args.cloze_dir is not None:
+        train_paragraphs, dev_source = cloze_files(args.cloze_dir, tokenizer, args.bptt)
+    else:
+        train_paragraphs = data.read_squad(squad_path(args, "train_file", "train-v1.1.json"))
+        dev_source = squad_path(args, "dev_file", "dev-v1.1.json")
+    examples, feats = data.squad_features(train_paragraphs, tokenizer, vocab,
                                           args.bptt, args.doc_stride or None, training=True)
     train = [feats[k].to(device) for k in ("input_ids", "token_types", "match", "start", "end")]
-    dev = Evaluator(dev_path, args, tokenizer, vocab, device)
+    dev = Evaluator(dev_source, args, tokenizer, vocab, device)
     utils.print0(f"| train: {len(examples)} questions, {len(train[0])} windows with the answer "
                  f"inside | dev: {len(dev.examples)} questions, {len(dev.features['start'])} windows")
 

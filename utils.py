@@ -541,8 +541,8 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def _start_from(self, args):
         path = None if args.checkpoint == "None" else args.checkpoint
-        if path is None and args.resume and Path(args.state_file).is_file():
-            path = args.state_file
+        if args.resume and args.state_file and Path(args.state_file).is_file():
+            path = args.state_file  # a stopped run goes on; --checkpoint was where it began
         if path is None:
             return
         ckpt = load_checkpoint(path, (self.kind, self.kind + "_state"))

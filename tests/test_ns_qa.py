@@ -243,3 +243,63 @@ def test_freeze_embeddings_keeps_the_word_vectors(tmp_path):
     run_script("qa_task.py", *common, "--save", "moved.pt", cwd=tmp_path)
     moved = utils.load_checkpoint(tmp_path / "moved.pt", "qa_task")["model"]
     assert not torch.equal(moved["bert_model." + key], enc[key])
+
+
+# ----------------------------------------------------------------- cloze questions
+
+CLOZE_LINES = [
+    " = Valkyria Chronicles III = \n",
+    " \n",
+    " The game began development in 2010 , carrying over a large portion of the work done on "
+    "Valkyria Chronicles II . While it retained the standard features of the series , it also "
+    "underwent multiple adjustments . The team wrote a role @-@ playing script of 1 @,@ 200 pages . \n",
+    " Short line . \n",
+]
+
+
+def test_cloze_questions_hold_their_answers():
+    paras = data.cloze_questions(CLOZE_LINES, seed=3, max_words=30)
+    assert data.cloze_questions(CLOZE_LINES, seed=3, max_words=30) == paras  # reproducible
+    assert len(paras) == 2  # the heading is skipped; two contexts of whole sentences, <= 30 words
+    assert all(len(p["context"].split()) <= 30 for p in paras)
+    assert "role-playing" in paras[1]["context"] and "1,200" in paras[1]["context"]
+    qas = [qa for p in paras for qa in p["qas"]]
+    assert len(qas) == 3  # one per sentence of 8 to 40 words ("Short line ." has none)
+    assert len({qa["id"] for qa in qas}) == 3
+    for p in paras:
+        for qa in p["qas"]:
+            (text, start), = qa["answers"]
+            assert p["context"][start:start + len(text)] == text
+            words = qa["question"].split()
+            assert words[0] in ("when", "how", "who", "what") and words[-1] == "?"
+            assert text not in " ".join(words[1:])  # the question lacks what it asks for
+    kinds = {qa["answers"][0][0]: qa["question"].split()[0] for qa in qas}
+    for text, wh in kinds.items():
+        if text in ("2010", "1,200"):
+            assert wh == {"2010": "when", "1,200": "how"}[text]
+    others = data.cloze_questions(CLOZE_LINES, seed=4, max_words=30)
+    assert [p["context"] for p in others] == [p["context"] for p in paras]
+
+
+def test_cloze_pretraining_then_squad(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", cwd=tmp_path)
+    common = ["--bert-model", "mlm_bert.pt", "--batch_size", "8", "--bptt", "48", "--epochs", "1",
+              "--optimizer", "adamw", "--lr", "1e-3", "--match-feature"]
+    cloze = run_script("qa_task.py", *common, "--cloze-dir", wt, "--save", "cloze.pt",
+                       "--predictions", "cloze.json", cwd=tmp_path)
+    made = re.search(r"^\| --cloze-dir: (\d+) questions made from wiki\.train\.tokens, (\d+) from "
+                     r"wiki\.valid\.tokens$", cloze.stdout, re.M)
+    assert made and int(made.group(1)) > 50 and int(made.group(2)) > 5
+    assert re.search(rf"^\| End of training \| dev loss .*\n\| original-style token metrics "
+                     rf"\(\d+ of {made.group(2)} questions\)", cloze.stdout, re.M)
+    assert all(k.startswith("cloze-") for k in json.loads((tmp_path / "cloze.json").read_text()))
+    write_squad(tmp_path / "train.json", copies=2)
+    write_squad(tmp_path / "dev.json", prefix="d")
+    qa = run_script("qa_task.py", *common, "--train-file", "train.json", "--dev-file", "dev.json",
+                    "--checkpoint", "cloze.pt", cwd=tmp_path)
+    assert "| starting from the weights in cloze.pt" in qa.stdout
+    before = utils.load_checkpoint(tmp_path / "cloze.pt", "qa_task")["model"]
+    after = utils.load_checkpoint(tmp_path / "qa_model.pt", "qa_task")["model"]
+    assert set(before) == set(after) and not torch.equal(before["qa_span.weight"],
+                                                          after["qa_span.weight"])

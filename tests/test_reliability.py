@@ -100,6 +100,20 @@ def _trainer(tmp_path, loss_values, **flags):
     return trainer
 
 
+def test_resume_prefers_the_state_file_to_checkpoint(tmp_path, capsys):
+    """A stopped run started with --checkpoint goes on from its state when requeued
+    with the same command (--resume), rather than starting over from --checkpoint."""
+    state, start = tmp_path / "state.pt", tmp_path / "start.pt"
+    first = _trainer(tmp_path, [1.0] * 4, state_file=str(state))
+    first.epoch, first.step = 1, 2
+    first.save_state()
+    utils.save_task(start, first.raw, "mlm_task", "fp")
+    _trainer(tmp_path, [1.0] * 4, checkpoint=str(start), resume=True, state_file=str(state))
+    assert f"resuming from {state}: epoch 1, 2 batches done" in capsys.readouterr().out
+    _trainer(tmp_path, [1.0] * 4, checkpoint=str(start), resume=False, state_file=str(state))
+    assert f"starting from the weights in {start}" in capsys.readouterr().out
+
+
 def test_nonfinite_loss_stops_naming_the_batch(tmp_path):
     with pytest.raises(utils.UserError, match="NaN or infinite at epoch 1, batch 3"):
         _trainer(tmp_path, [1.0, 2.0, float("nan"), 1.0]).fit()
@@ -190,6 +204,10 @@ BAD_INPUTS = [  # (what, script, flags, the message the user sees, in part)
     ("--save is a folder", "qa_task.py", [*QA, "--save", "afolder"], "cannot write afolder: it is a folder"),
     ("--mask_frac out of range", "mlm_task.py", [*M, "--mask_frac", "1.5"], "--mask_frac must be between 0 and 1"),
     ("--bptt shorter than a question", "qa_task.py", [*QA, "--bptt", "8"], "leaves no room for its context"),
+    ("--cloze-dir with a SQuAD file", "qa_task.py", [*QA, "--cloze-dir", "wt"],
+     "--cloze-dir makes its own questions; drop --train-file"),
+    ("--cloze-dir without WikiText", "qa_task.py", ["--bert-model", "mlm_bert.pt", "--cloze-dir", "empty"],
+     "--cloze-dir empty holds no wiki.train.tokens and wiki.valid.tokens"),
     ("--bptt longer than the model's positions", "mlm_task.py", [*M, "--bptt", "600"], "exceeds the model's 512"),
     ("--device cuda without CUDA", "mlm_task.py", [*M, "--device", "cuda"], "CUDA is not available"),
 ]
