@@ -5,8 +5,8 @@
 
 Reads the files the task scripts write (--loss-log): the train and validation loss of
 each epoch and the test loss; or their printouts saved to a file (python mlm_task.py
-... > mlm.log), which add the training loss of every --log-interval. One panel per task (masked LM, next sentence, SQuAD,
-told apart by the file name), one colour per file; train loss solid, validation
+... > mlm.log), which add the training loss of every --log-interval. One panel per task (masked LM, next sentence, span
+selection, SQuAD, told apart by the file name), one colour per file; train loss solid, validation
 dashed, the test loss a star after the last epoch.
 """
 import argparse
@@ -14,7 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-KINDS = (("mlm", "masked LM"), ("ns", "next sentence"), ("qa", "SQuAD question answering"))
+KINDS = (("mlm", "masked LM"), ("ns", "next sentence"),
+         ("cloze", "span selection (WikiText-2 questions)"), ("qa", "SQuAD question answering"))
 
 
 def read_loss_log(path):

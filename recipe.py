@@ -6,10 +6,13 @@ Runs, one after another, each as its own process with its printout kept in OUT/*
 
     1. mlm_task.py  a small BERT pretrained on WikiText-2 (masked LM)
     2. ns_task.py   next-sentence pretraining of that encoder on WikiText-2
-    3. qa_task.py   SQuAD v1.1 fine-tuning of the pretrained encoder
-    4. qa_task.py   the same fine-tuning from a randomly initialised encoder (the
+    3. qa_task.py   span-selection pretraining: questions made without labels from
+                    WikiText-2's sentences (--cloze-dir; --cloze-epochs 0 skips it)
+    4. qa_task.py   SQuAD v1.1 fine-tuning of the pretrained model (--checkpoint: the
+                    encoder and span head of step 3)
+    5. qa_task.py   the same fine-tuning from a randomly initialised encoder (the
                     baseline that shows what pretraining brings; --no-baseline skips it)
-    5. qa_task.py   that baseline once more, with its word vectors trained (QA runs
+    6. qa_task.py   that baseline once more, with its word vectors trained (QA runs
                     with --freeze-embeddings unless --no-freeze-embeddings, and fixed
                     random word vectors might handicap the baseline; they turn out to help)
 
@@ -19,8 +22,9 @@ official dev set by article (the table then says "dev-split"). Every question of
 evaluation file is scored with the official v1.1 measure.
 
 OUT/results.md is rewritten after every stage: the table so far, the commands, the
-machine. A stage whose output is already in OUT (from an earlier, stopped run) is not
-run again; a stopped stage goes on from its state file.
+machine. A stage whose output is already in OUT (from an earlier, stopped run with the
+same command) is not run again, unless a stage before it ran; a stopped stage goes on
+from its state file.
 """
 import argparse
 import json
@@ -36,10 +40,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
-# The settings chosen for a 2-core CPU: the pipeline takes about 32 minutes of the hour
+# The settings chosen for a 2-core CPU: the pipeline takes about 46 minutes of the hour
 # (see README, "Laptop recipe").
 DEFAULTS = dict(emsize=128, nhid=512, nlayers=2, nhead=2, dropout=0.0, batch_size=32, bptt=128,
-                mlm_epochs=8, mlm_lr=1e-3, ns_epochs=1, ns_lr=3e-5, qa_epochs=5, qa_lr=1e-3,
+                mlm_epochs=8, mlm_lr=1e-3, ns_epochs=1, ns_lr=3e-5, cloze_epochs=4,
+                qa_epochs=5, qa_lr=1e-3,
                 doc_stride=64, warmup=100, min_sentence_len=60)
 
 
@@ -64,8 +69,20 @@ def parse(argv=None):
     p.add_argument("--no-tie-weights", dest="tie_weights", action="store_false",
                    help="pretrain without mlm_task.py --tie-weights (a separate masked-LM output "
                         "projection, as in the original)")
+    helps = dict(emsize="model width", nhid="feed-forward width", nlayers="encoder layers",
+                 nhead="attention heads", dropout="dropout in every step",
+                 batch_size="sequences per batch, every step", bptt="tokens per sequence",
+                 mlm_epochs="masked-LM epochs", mlm_lr="masked-LM learning rate",
+                 ns_epochs="next-sentence epochs", ns_lr="next-sentence learning rate",
+                 cloze_epochs="epochs of span selection on questions made from WikiText-2, "
+                              "between next sentence and SQuAD (0: none)",
+                 qa_epochs="SQuAD epochs", qa_lr="learning rate of span selection and of SQuAD",
+                 doc_stride="SQuAD window stride, in context tokens",
+                 warmup="learning-rate warm-up steps of every step",
+                 min_sentence_len="next sentence: shortest line split into a pair, in tokens")
     for name, value in DEFAULTS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                       help=helps[name])
     return p.parse_args(argv)
 
 
@@ -88,7 +105,7 @@ def squad_files(folder):
 
 
 def commands(a, out):
-    """The four stages: (name, argv, the file that shows it is done)."""
+    """The stages: (name, argv, the file that shows it is done)."""
     size = ["--emsize", a.emsize, "--nhid", a.nhid, "--nlayers", a.nlayers, "--nhead", a.nhead]
     common = ["--device", a.device, "--batch_size", a.batch_size, "--bptt", a.bptt, "--optimizer", "adamw",
               "--warmup", a.warmup, "--clip", 1.0, "--save-vocab", out / "vocab.txt"]
@@ -107,16 +124,22 @@ def commands(a, out):
           "--loss-log", out / "ns_loss.txt", "--state-file", out / "ns_state.pt",
           "--cache-dir", out / "cache", "--resume", *pretrain_freeze]
 
-    def qa(tag, extra, freeze=a.freeze_embeddings):
-        return ["qa_task.py", *common, "--bert-model", out / "ns_bert.pt", "--train-file", train,
-                "--dev-file", dev, "--epochs", a.qa_epochs, "--lr", a.qa_lr,
+    def qa(tag, extra, freeze=a.freeze_embeddings, epochs=a.qa_epochs):
+        files = ["--train-file", train, "--dev-file", dev] if tag != "cloze" else []
+        return ["qa_task.py", *common, "--bert-model", out / "ns_bert.pt", *files,
+                "--epochs", epochs, "--lr", a.qa_lr,
                 "--doc-stride", a.doc_stride, "--log-interval", 100,
                 "--save", out / f"{tag}_model.pt", "--predictions", out / f"{tag}_predictions.json",
                 "--loss-log", out / f"{tag}_loss.txt", "--state-file", out / f"{tag}_state.pt",
                 "--resume", *(["--match-feature"] if a.match_feature else []),
                 *(["--freeze-embeddings"] if freeze else []), *extra]
-    stages = [("mlm", mlm, out / "mlm_loss.txt"), ("ns", ns, out / "ns_loss.txt"),
-              ("qa", qa("qa", []), out / "qa_loss.txt")]
+    stages = [("mlm", mlm, out / "mlm_loss.txt"), ("ns", ns, out / "ns_loss.txt")]
+    start = []
+    if a.cloze_epochs:
+        stages.append(("cloze", qa("cloze", ["--cloze-dir", a.wikitext], epochs=a.cloze_epochs),
+                       out / "cloze_loss.txt"))
+        start = ["--checkpoint", out / "cloze_model.pt"]
+    stages.append(("qa", qa("qa", start), out / "qa_loss.txt"))
     if not a.no_baseline:
         stages.append(("qa_random", qa("qa_random", ["--random-init"]), out / "qa_random_loss.txt"))
         if a.freeze_embeddings:
@@ -177,10 +200,18 @@ def table(results, label, a):
     if r:
         rows.append(f"| 2. next sentence (WikiText-2) | test loss {fmt(r.get('test loss'), '.4f')}, "
                     f"accuracy {fmt(r.get('test accuracy'), '.2f')}% | {r['seconds'] / 60:.1f} min |")
+    r = results.get("cloze") if a.cloze_epochs else None
+    if r:
+        rows.append(f"| 3. span selection (questions made from WikiText-2) | WikiText-2 valid, "
+                    f"{r.get('questions', '-')} questions: EM {fmt(r.get('EM'), '.2f')}, F1 "
+                    f"{fmt(r.get('F1'), '.2f')} | {r['seconds'] / 60:.1f} min |")
     frozen = a.freeze_embeddings
-    for n, key, what in ((3, "qa", "pretrained encoder"),
-                         (4, "qa_random", "random init (baseline)" + (", fixed word vectors" if frozen else "")),
-                         (5, "qa_random_trainable", "random init (baseline), word vectors trained")):
+    first = 4 if a.cloze_epochs else 3
+    for n, key, what in ((first, "qa", "pretrained encoder"),
+                         (first + 1, "qa_random", "random init (baseline)"
+                          + (", fixed word vectors" if frozen else "")),
+                         (first + 2, "qa_random_trainable",
+                          "random init (baseline), word vectors trained")):
         r = results.get(key)
         if r:
             rows.append(
@@ -189,10 +220,12 @@ def table(results, label, a):
                 f"{fmt(r.get('F1'), '.2f')}**; original-style ({r.get('kept', '-')} questions): "
                 f"exact {fmt(r.get('orig_exact'), '.2f')}, F1 {fmt(r.get('orig_f1'), '.2f')} | "
                 f"{r['seconds'] / 60:.1f} min |")
-    pipeline = sum(results[k]["seconds"] for k in ("mlm", "ns", "qa") if k in results)
-    rows.append(f"| pipeline (1-3) | | **{pipeline / 60:.1f} min** |")
+    steps = ("mlm", "ns", "cloze", "qa") if a.cloze_epochs else ("mlm", "ns", "qa")
+    pipeline = sum(results[k]["seconds"] for k in steps if k in results)
+    rows.append(f"| pipeline (1-{first}) | | **{pipeline / 60:.1f} min** |")
     gains = [f"F1 {results['qa'].get('F1', 0) - results[k].get('F1', 0):+.2f} points over {n}"
-             for n, k in ((4, "qa_random"), (5, "qa_random_trainable")) if "qa" in results and k in results]
+             for n, k in ((first + 1, "qa_random"), (first + 2, "qa_random_trainable"))
+             if "qa" in results and k in results]
     if gains:
         rows.append(f"| pretraining's gain | {'; '.join(gains)} | |")
     return "\n".join(rows)
@@ -222,11 +255,14 @@ def main():
     stages = commands(a, out)
     saved = out / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
+    changed = False  # once a stage runs, the stages after it run too: their input changed
     for name, argv, done in stages:
         log = out / f"{name}.log"
-        if name in results and done.is_file():
+        if (not changed and done.is_file()
+                and results.get(name, {}).get("command") == " ".join(argv)):
             print(f"== {name}: done in an earlier run ({log})", flush=True)
             continue
+        changed = True
         print(f"== {name}: python {' '.join(argv)}", flush=True)
         start = time.time()
         with open(log, "w") as f:
@@ -241,7 +277,8 @@ def main():
         if rc != 0:
             sys.exit(f"recipe.py: {name} failed (exit status {rc}); its output is in {log}. "
                      "Run the same command again to go on from where it stopped.")
-        results[name] = dict(scores(name, log.read_text()), seconds=time.time() - start)
+        results[name] = dict(scores(name, log.read_text()), seconds=time.time() - start,
+                             command=" ".join(argv))
         write_results(out, results, label, a, stages)
         print(f"== {name}: {time.time() - start:.0f} s; table in {out / 'results.md'}", flush=True)
     write_results(out, results, label, a, stages)  # also when every stage was done before

@@ -210,7 +210,7 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     write_squad(squad / "dev-split-eval-v1.1.json", prefix="d")
     cmd = [sys.executable, str(ROOT / "recipe.py"), "--wikitext", str(wt), "--squad", str(squad),
            "--out", str(tmp_path / "out"), "--emsize", "32", "--nhid", "64", "--nlayers", "2",
-           "--nhead", "2", "--mlm-epochs", "1", "--qa-epochs", "1", "--batch-size", "4",
+           "--nhead", "2", "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "1", "--batch-size", "4",
            "--bptt", "32", "--min-sentence-len", "10"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=600)
@@ -218,17 +218,26 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     table = (tmp_path / "out" / "results.md").read_text()
     assert re.search(r"^\| 1\. masked LM \(WikiText-2\) \| valid ppl [\d.]+, test ppl [\d.]+ \|", table, re.M)
     assert re.search(r"^\| 2\. next sentence .* test loss [\d.]+, accuracy [\d.]+% \|", table, re.M)
+    assert re.search(r"^\| 3\. span selection \(questions made from WikiText-2\) \| WikiText-2 valid, "
+                     r"\d+ questions: EM [\d.]+, F1 [\d.]+ \|", table, re.M)
     for what in ("pretrained encoder", r"random init \(baseline\), fixed word vectors",
                  r"random init \(baseline\), word vectors trained"):
-        assert re.search(rf"^\| \d\. SQuAD v1\.1, {what} \| dev-split, all 9 questions: \*\*EM [\d.]+, "
+        assert re.search(rf"^\| [456]\. SQuAD v1\.1, {what} \| dev-split, all 9 questions: \*\*EM [\d.]+, "
                          r"F1 [\d.]+\*\*; original-style", table, re.M)
-    assert re.search(r"pretraining's gain \| F1 [-+][\d.]+ points over 4; F1 [-+][\d.]+ points over 5 \|",
+    assert re.search(r"pretraining's gain \| F1 [-+][\d.]+ points over 5; F1 [-+][\d.]+ points over 6 \|",
                      table)
     assert "Machine:" in table and "--match-feature" in table and "--random-init" in table
-    assert table.count("--freeze-embeddings") == 2  # the QA stages 3-4; stage 5 trains them
+    assert re.search(r"^\| pipeline \(1-4\) \| \| \*\*[\d.]+ min\*\* \|", table, re.M)
+    assert table.count("--freeze-embeddings") == 3  # the QA stages 3-5; stage 6 trains them
+    assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 1
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                            timeout=600)
-    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 5
+    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 6
+    longer = subprocess.run(cmd + ["--qa-epochs", "2", "--no-baseline"], cwd=tmp_path,
+                            env=script_env(), capture_output=True, text=True, timeout=600)
+    assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr
+    assert re.findall(r"^== (\w+): done in an earlier run", longer.stdout, re.M) == ["mlm", "ns", "cloze"]
+    assert re.search(r"^== qa: python qa_task\.py .*--epochs 2", longer.stdout, re.M)
     assert "--tie-weights" in table
     clash = subprocess.run(cmd + ["--freeze-pretraining"], cwd=tmp_path, env=script_env(),
                            capture_output=True, text=True, timeout=60)
