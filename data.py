@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -655,17 +656,18 @@ _CLOZE_SKIP = frozenset(
     "which who he she they his her their also but not had has have after before during into than "
     "then there these those when while where would could can may does did will should being such "
     "some other more most only both each over through about between within without however "
-    "although because against under until upon very many much what them also what whom whose "
-    "into onto made make first later several".split())
+    "although because against under until upon very many much what them whom whose onto made "
+    "make first later several".split())
 _MONTHS = frozenset("January February March April May June July August September October "
                     "November December".split())
 _NUMBER = re.compile(r"[0-9][0-9,.]*")
 
 
 def _cloze_answer(words, rng):
-    """(i, j): the answer span words[i:j] of a sentence. Mostly a run of up to four
+    """(i, j): the answer span words[i:j] of a sentence, or None. A run of up to four
     capitalised words or numbers not at the sentence start (the names, dates and
-    amounts SQuAD asks about), else one longer lower-case word."""
+    amounts SQuAD asks about); in three sentences of ten, and where there is no such
+    run, single words of more than three letters are candidates too."""
     def named(w):
         return bool(_NUMBER.fullmatch(w)) or (len(w) > 1 and w[:1].isupper() and w.isalpha()
                                               and w.lower() not in _CLOZE_SKIP)
@@ -704,7 +706,7 @@ def cloze_questions(lines, seed=0, max_words=90, drop=0.25):
     without the span, each remaining word dropped with probability drop and `<unk>`
     words left out, so that the model must find the sentence by its words and pick what
     the question lacks, as in SQuAD. The same lines and seed give the same questions."""
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)
     paragraphs, count = [], 0
     for line in lines:
         line = line.strip()
