@@ -7,21 +7,22 @@ corpus gives the same token ids either way. Nothing here knows about the model.
 import collections
 import gzip
 import hashlib
-import json
 import os
-import random
 import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 import monitor
+from dist import shard_range
 
 try:  # torchtext 0.18 imports only beside torch 2.3.x; elsewhere its C++ library fails
     import torchtext
@@ -185,20 +186,17 @@ class Vocab:
 
 # --------------------------------------------------------------------------- files
 
-# Where the corpora come from. The original S3 address answers 403; the author's mirror
-# serves the same zips but refuses Python's default User-Agent.
-SOURCES = {
-    "WikiText2": dict(folder="wikitext-2", zip="wikitext-2-v1.zip",
-                      url="https://wikitext.smerity.com/wikitext-2-v1.zip",
-                      md5="542ccefacc6c27f945fb54453812b3cd"),
-    "WikiText103": dict(folder="wikitext-103", zip="wikitext-103-v1.zip",
-                        url="https://wikitext.smerity.com/wikitext-103-v1.zip",
-                        md5="9ddaacaf6af0710eda8c456decff7832"),
-    "EnWik9": dict(folder=".", zip="enwik9.zip", url="http://mattmahoney.net/dc/enwik9.zip",
-                   md5="3e773f8a1577fda2e27f871ca17f31fd"),
-}
-DATASETS = ["WikiText2", "WikiText103", "BookCorpus", "EnWik9", "WMTNewsCrawl"]
 SPLITS = ("train", "valid", "test")
+WHOLE = (0.0, 1.0)  # a line range: all of a file's lines
+
+
+@dataclass(frozen=True)
+class Download:
+    """Where a corpus's zip comes from, and the folder it unpacks to."""
+    folder: str
+    zip: str
+    url: str
+    md5: str
 
 
 def md5sum(path):
@@ -254,14 +252,14 @@ def find_file(folder, name):
 
 def _fetch_zip(dataset, data_dir, allow_download, wanted):
     """Make sure the dataset's zip is extracted in data_dir (downloading it if allowed)."""
-    src = SOURCES[dataset]
-    zip_path = data_dir / src["zip"]
+    src = CORPORA[dataset].download
+    zip_path = data_dir / src.zip
     if not zip_path.is_file():
-        where = f"put {wanted} (or {src['zip']}) in {data_dir}, or pass --data-dir"
+        where = f"put {wanted} (or {src.zip}) in {data_dir}, or pass --data-dir"
         if not allow_download:
             raise DataError(f"{dataset} not found: {where}")
         try:
-            download(src["url"], zip_path, src["md5"])
+            download(src.url, zip_path, src.md5)
         except DataError as e:
             raise DataError(f"{dataset} not found and {e}; {where}") from None
     print(f"| extracting {zip_path}", flush=True)
@@ -271,7 +269,7 @@ def _fetch_zip(dataset, data_dir, allow_download, wanted):
 
 def wikitext_files(dataset, data_dir, allow_download=True):
     """{split: path} for wiki.{split}.tokens[.gz] in data_dir, data_dir/<folder>, or the zip."""
-    folder = SOURCES[dataset]["folder"]
+    folder = CORPORA[dataset].download.folder
     names = {s: f"wiki.{s}.tokens" for s in SPLITS}
     wanted = "wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens"
     for attempt in range(2):
@@ -281,7 +279,7 @@ def wikitext_files(dataset, data_dir, allow_download=True):
                 return found
         if attempt == 0:
             _fetch_zip(dataset, data_dir, allow_download, wanted)
-    raise DataError(f"{SOURCES[dataset]['zip']} in {data_dir} does not hold {wanted}")
+    raise DataError(f"{CORPORA[dataset].download.zip} in {data_dir} does not hold {wanted}")
 
 
 def open_text(path):
@@ -291,16 +289,19 @@ def open_text(path):
     return open(path, encoding="utf-8")
 
 
-def read_lines(paths, enwik=False):
+def text_lines(path):
+    """The lines of a plain-text file (or .gz)."""
+    try:
+        with open_text(path) as f:
+            yield from f
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def read_lines(paths, read=text_lines):
+    """The lines of several files, each read with read(path)."""
     for p in paths:
-        if enwik:
-            yield from enwik9_filter(p)
-            continue
-        try:
-            with open_text(p) as f:
-                yield from f
-        except (OSError, UnicodeDecodeError, EOFError) as e:
-            raise DataError(f"cannot read {p}: {e}") from None
+        yield from read(p)
 
 
 _WIKIFIL = [(re.compile(p, re.I if i else 0), r) for i, (p, r) in enumerate([
@@ -336,40 +337,77 @@ def enwik9_filter(path):
                 yield line + "\n"
 
 
-def corpus_sources(dataset, data_dir, allow_download=True):
-    """{split: (files, line_fraction_range)} for an MLM/NS corpus.
+# Each corpus's splits: (data folder, allow_download) -> {split: (files, line range)}.
+# Corpora without splits of their own are cut by lines: the first 80% train, the next
+# 10% valid, the rest test.
+BY_LINES = {"train": (0.0, 0.8), "valid": (0.8, 0.9), "test": (0.9, 1.0)}
 
-    WikiText has its own splits. A folder of .txt files (BookCorpus), EnWik9 and
-    WMTNewsCrawl are cut by lines: the first 80% train, the next 10% valid, the rest
-    test (EnWik9 as the original; WMTNewsCrawl's valid/test are WikiText-2's, as the
-    original's were).
-    """
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    data_dir = Path(data_dir)
-    whole = {"train": (0.0, 0.8), "valid": (0.8, 0.9), "test": (0.9, 1.0)}
-    if dataset in ("WikiText2", "WikiText103"):
-        return {s: ([p], (0.0, 1.0)) for s, p in wikitext_files(dataset, data_dir,
-                                                                allow_download).items()}
-    if dataset == "BookCorpus":
-        files = sorted(p for p in data_dir.rglob("*") if p.suffix in (".txt", ".gz")
-                       and p.is_file())
-        if not files:
-            raise DataError(f"BookCorpus: no .txt files in {data_dir}; BookCorpus is not public, "
-                            "put your own folder of plain-text books there or pass --data-dir")
-        return {s: (files, r) for s, r in whole.items()}
-    if dataset == "EnWik9":
-        path = data_dir / "enwik9"
-        if not path.is_file():
-            _fetch_zip("EnWik9", data_dir, allow_download, "enwik9")
-        return {s: ([path], r) for s, r in whole.items()}
+
+def _wikitext_splits(name):
+    def splits(data_dir, allow_download):
+        return {s: ([p], WHOLE) for s, p in wikitext_files(name, data_dir, allow_download).items()}
+    return splits
+
+
+def _bookcorpus_splits(data_dir, allow_download):
+    files = sorted(p for p in data_dir.rglob("*") if p.suffix in (".txt", ".gz") and p.is_file())
+    if not files:
+        raise DataError(f"BookCorpus: no .txt files in {data_dir}; BookCorpus is not public, "
+                        "put your own folder of plain-text books there or pass --data-dir")
+    return {s: (files, r) for s, r in BY_LINES.items()}
+
+
+def _enwik9_splits(data_dir, allow_download):
+    path = data_dir / "enwik9"
+    if not path.is_file():
+        _fetch_zip("EnWik9", data_dir, allow_download, "enwik9")
+    return {s: ([path], r) for s, r in BY_LINES.items()}
+
+
+def _newscrawl_splits(data_dir, allow_download):
+    """News Crawl's files for training; WikiText-2's valid and test, as the original."""
     files = sorted(p for p in data_dir.glob("news*") if p.is_file())
     if not files:
         raise DataError(f"WMTNewsCrawl: no news.* files (e.g. news.2010.en.shuffled) in "
                         f"{data_dir}; download them from the WMT site or pass --data-dir")
     wt2 = wikitext_files("WikiText2", data_dir, allow_download)
-    return {"train": (files, (0.0, 1.0)), "valid": ([wt2["valid"]], (0.0, 1.0)),
-            "test": ([wt2["test"]], (0.0, 1.0))}
+    return {"train": (files, WHOLE), "valid": ([wt2["valid"]], WHOLE),
+            "test": ([wt2["test"]], WHOLE)}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text corpus of the masked-LM and next-sentence tasks (--dataset)."""
+    name: str
+    splits: Callable  # (data folder, allow_download) -> {split: (files, line range)}
+    download: Optional[Download] = None  # where its zip comes from, if anywhere
+    read: Callable = text_lines  # path -> its lines of text
+
+
+# The registry: adding a corpus is adding an entry (and its splits function above).
+# The original S3 address of WikiText answers 403; the author's mirror serves the same
+# zips but refuses Python's default User-Agent (download() sends its own).
+CORPORA = {c.name: c for c in [
+    Corpus("WikiText2", _wikitext_splits("WikiText2"), Download(
+        "wikitext-2", "wikitext-2-v1.zip", "https://wikitext.smerity.com/wikitext-2-v1.zip",
+        "542ccefacc6c27f945fb54453812b3cd")),
+    Corpus("WikiText103", _wikitext_splits("WikiText103"), Download(
+        "wikitext-103", "wikitext-103-v1.zip", "https://wikitext.smerity.com/wikitext-103-v1.zip",
+        "9ddaacaf6af0710eda8c456decff7832")),
+    Corpus("BookCorpus", _bookcorpus_splits),
+    Corpus("EnWik9", _enwik9_splits, Download(
+        ".", "enwik9.zip", "http://mattmahoney.net/dc/enwik9.zip",
+        "3e773f8a1577fda2e27f871ca17f31fd"), read=lambda p: enwik9_filter(p)),
+    Corpus("WMTNewsCrawl", _newscrawl_splits),
+]}
+DATASETS = list(CORPORA)
+
+
+def corpus_sources(dataset, data_dir, allow_download=True):
+    """{split: (files, line_fraction_range)} for an MLM/NS corpus of the registry."""
+    if dataset not in CORPORA:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return CORPORA[dataset].splits(Path(data_dir), allow_download)
 
 
 def dataset_dir(dataset, data_dir=None):
@@ -392,19 +430,20 @@ def _line_range(n, frac):
 def count_tokens_for_vocab(dataset, sources, tokenizer):
     """Token lists of the train split, for Vocab.build (a generator: nothing is kept)."""
     files, frac = sources["train"]
-    lines = read_lines(files, enwik=dataset == "EnWik9")
-    if frac != (0.0, 1.0):
-        n = sum(1 for _ in read_lines(files, enwik=dataset == "EnWik9"))
+    read = CORPORA[dataset].read
+    lines = read_lines(files, read)
+    if frac != WHOLE:
+        n = sum(1 for _ in read_lines(files, read))
         lo, hi = _line_range(n, frac)
         lines = (line for i, line in enumerate(lines) if lo <= i < hi)
     return (tokenizer(line) for line in lines)
 
 
-def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None):
+def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None, show=True):
     """Token ids of one split: (ids int64 tensor (T,), line offsets int64 array (L+1,)).
 
     The ids of the whole source are cached in cache_dir, keyed on the files' size and
-    time and on the vocabulary, so a second run skips tokenization.
+    time and on the vocabulary, so a second run skips tokenization. show: print progress.
     """
     files, frac = sources[split]
     key = hashlib.sha256("|".join(
@@ -421,8 +460,8 @@ def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None):
             ids = None  # a damaged cache is rebuilt, never trusted
     if ids is None:
         chunks, lengths = [], []
-        lines = monitor.progress(read_lines(files, enwik=dataset == "EnWik9"),
-                                 f"tokenizing {dataset} {split}", unit="lines")
+        lines = monitor.progress(read_lines(files, CORPORA[dataset].read),
+                                 f"tokenizing {dataset} {split}", unit="lines", enabled=show)
         for line in lines:
             toks = vocab.lookup_indices(tokenizer(line))
             chunks.append(np.asarray(toks, dtype=np.int32))
@@ -437,9 +476,10 @@ def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None):
     return ids, offsets - offsets[0]
 
 
-def load_corpus(dataset, sources, vocab, tokenizer, cache_dir=None):
+def load_corpus(dataset, sources, vocab, tokenizer, cache_dir=None, show=True):
     """{split: (ids, line offsets)} for train, valid and test (see load_split)."""
-    return {s: load_split(dataset, sources, s, vocab, tokenizer, cache_dir or None) for s in SPLITS}
+    return {s: load_split(dataset, sources, s, vocab, tokenizer, cache_dir or None, show)
+            for s in SPLITS}
 
 
 def _save_cache(path, ids, offsets):
@@ -508,24 +548,28 @@ def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None):
 
 
 class Batches:
-    """Aligned tensors served in batches along dim 0, reshuffled per epoch with a seed.
+    """Aligned items served in batches along dim 0, reshuffled per epoch with a seed.
 
     Batches(x, y, batch_size=2): x (P, ...), y (P, ...) -> (x[i:i+2], y[i:i+2]), ...
+    Batches(w, batch_size=2) with one item that is not a tensor (e.g. squad.Windows, any
+    object with len, .device and indexing by a tensor of rows) -> w[i:i+2], ...
     With world > 1 each global batch holds batch_size rows per rank and rank gets its
-    own slice, so a job of any size sees the same global batches (the last, partial
-    one dropped when drop_last).
+    share (dist.shard_range), so a job of any size sees the same global batches (the
+    last, partial one dropped when drop_last).
     """
 
-    def __init__(self, *tensors, batch_size, shuffle=False, seed=0, epoch=0, rank=0, world=1,
+    def __init__(self, *items, batch_size, shuffle=False, seed=0, epoch=0, rank=0, world=1,
                  drop_last=False):
-        self.tensors, self.batch_size, self.rank, self.world = tensors, batch_size, rank, world
+        self.items, self.batch_size, self.rank, self.world = items, batch_size, rank, world
+        self.one = len(items) == 1 and not torch.is_tensor(items[0])
+        self.device = items[0].device
         self.size = batch_size * world
-        rows = len(tensors[0])
+        rows = len(items[0])
         self.stop = rows - rows % self.size if drop_last else rows
         self.order = None
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-            self.order = torch.randperm(rows, generator=g).to(tensors[0].device)
+            self.order = torch.randperm(rows, generator=g).to(self.device)
 
     def __len__(self):
         return -(-self.stop // self.size)
@@ -536,16 +580,21 @@ class Batches:
         size = batch_size * world
         return rows // size if drop_last else -(-rows // size)
 
+    def rows_of(self, rank):
+        """The rows (before shuffling) that rank gets, in the order it gets them."""
+        return torch.cat([torch.arange(start + lo, start + hi) for start in range(0, self.stop, self.size)
+                          for lo, hi in [shard_range(min(self.size, self.stop - start), rank,
+                                                     self.world)]] or [torch.zeros(0, dtype=torch.long)])
+
     def __iter__(self):
         for start in range(0, self.stop, self.size):
-            end = min(start + self.size, self.stop)
-            mine = torch.arange(start, end).tensor_split(self.world)[self.rank]
-            if len(mine) == 0:
+            lo, hi = shard_range(min(self.size, self.stop - start), self.rank, self.world)
+            if lo == hi:
                 continue
-            idx = mine.to(self.tensors[0].device)
+            idx = torch.arange(start + lo, start + hi).to(self.device)
             if self.order is not None:
                 idx = self.order[idx]
-            yield tuple(t[idx] for t in self.tensors)
+            yield self.items[0][idx] if self.one else tuple(t[idx] for t in self.items)
 
 
 # --------------------------------------------------------------------------- next sentence
@@ -593,261 +642,3 @@ def ns_pairs(ids, offsets, min_sentence_len, frac_ns, bptt, generator):
             b = ids[starts[j]:starts[j] + cut[j]]
         pack_pair(a, b, bptt, inputs[i], types[i])
     return torch.from_numpy(inputs), torch.from_numpy(types), torch.from_numpy(labels)
-
-
-# --------------------------------------------------------------------------- SQuAD v1.1
-
-SQUAD = {"train-v1.1.json": "981b29407e0affa3b1b156f72073b945",
-         "dev-v1.1.json": "3e85deb501d4e538b6bc56f786231552"}
-SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
-
-
-def squad_file(data_dir, name, allow_download=True):
-    """data_dir/name (or name.gz); the official files are downloaded when absent."""
-    data_dir = Path(data_dir)
-    found = find_file(data_dir, name)
-    if found:
-        return found
-    if name in SQUAD and allow_download:
-        try:
-            return download(SQUAD_URL + name, data_dir / name, SQUAD[name])
-        except DataError as e:
-            raise DataError(f"SQuAD file {name} not found in {data_dir} and {e}; put it there "
-                            "or pass --data-dir / --train-file / --dev-file") from None
-    raise DataError(f"SQuAD file {name} not found in {data_dir}; put it there or pass "
-                    "--data-dir / --train-file / --dev-file")
-
-
-def read_squad(path):
-    """Paragraphs of a SQuAD v1.1 file: [{'context', 'qas': [{'id', 'question',
-    'answers': [(text, char_start), ...]}]}], checked against the format."""
-    try:
-        with open_text(path) as f:
-            articles = json.load(f)["data"]
-        paragraphs = []
-        for article in articles:
-            for para in article["paragraphs"]:
-                ctx = para["context"]
-                qas = []
-                for qa in para["qas"]:
-                    answers = [(a["text"], int(a["answer_start"])) for a in qa["answers"]]
-                    if not answers:
-                        raise DataError(f"{path}: question {qa['id']} has no answer; this is a "
-                                        "SQuAD v1.1 reader (v2.0 files are not supported)")
-                    for text, start in answers:
-                        if ctx[start:start + len(text)] != text:
-                            raise DataError(f"{path}: question {qa['id']}: answer {text!r} is not "
-                                            f"at answer_start {start} of its context")
-                    qas.append(dict(id=qa["id"], question=qa["question"], answers=answers))
-                paragraphs.append(dict(context=ctx, qas=qas))
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read SQuAD file {path}: {e}") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} is not in the SQuAD v1.1 format (problem at {e!r})") from None
-    if not paragraphs:
-        raise DataError(f"{path} holds no SQuAD paragraphs")
-    return paragraphs
-
-
-# --------------------------------------------------------------------------- cloze questions
-
-_CLOZE_SKIP = frozenset(
-    "the a an of in on at to and or for by with from as is was were be been are it its this that "
-    "which who he she they his her their also but not had has have after before during into than "
-    "then there these those when while where would could can may does did will should being such "
-    "some other more most only both each over through about between within without however "
-    "although because against under until upon very many much what them whom whose onto made "
-    "make first later several".split())
-_MONTHS = frozenset("January February March April May June July August September October "
-                    "November December".split())
-_NUMBER = re.compile(r"[0-9][0-9,.]*")
-
-
-def _cloze_answer(words, rng):
-    """(i, j): the answer span words[i:j] of a sentence, or None. A run of up to four
-    capitalised words or numbers not at the sentence start (the names, dates and
-    amounts SQuAD asks about); in three sentences of ten, and where there is no such
-    run, single words of more than three letters are candidates too."""
-    def named(w):
-        return bool(_NUMBER.fullmatch(w)) or (len(w) > 1 and w[:1].isupper() and w.isalpha()
-                                              and w.lower() not in _CLOZE_SKIP)
-    runs, i = [], 1
-    while i < len(words):
-        if named(words[i]):
-            j = i + 1
-            while j < len(words) and j - i < 4 and named(words[j]):
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
-    if not runs or rng.random() < 0.3:
-        runs += [(k, k + 1) for k, w in enumerate(words)
-                 if w.isalpha() and len(w) > 3 and w.lower() not in _CLOZE_SKIP]
-    return rng.choice(runs) if runs else None
-
-
-def _cloze_wh(answer):
-    first = answer[0]
-    if re.fullmatch(r"1[0-9]{3}|20[0-9]{2}", first) or first in _MONTHS:
-        return "when"
-    if _NUMBER.fullmatch(first):
-        return "how many"
-    return "who" if first[:1].isupper() else "what"
-
-
-def cloze_questions(lines, seed=0, max_words=90, drop=0.25):
-    """Questions without labels from running text, in read_squad's form: span-selection
-    pretraining for SQuAD. lines: WikiText lines (a line is a paragraph; headings,
-    ' = Title = ', are skipped; ' @-@ ', ' @,@ ', ' @.@ ' are joined back). Each
-    paragraph is cut into contexts of whole sentences, up to max_words words. From every
-    sentence of 8 to 40 words one answer span is taken (_cloze_answer); its question is a
-    wh-word for the span's kind (when, how many, who, what) followed by the sentence
-    without the span, each remaining word dropped with probability drop and `<unk>`
-    words left out, so that the model must find the sentence by its words and pick what
-    the question lacks, as in SQuAD. The same lines and seed give the same questions."""
-    rng = random.Random(seed)
-    paragraphs, count = [], 0
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("="):
-            continue
-        for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
-            line = line.replace(a, b)
-        sentences, current = [], []
-        for word in line.split():
-            current.append(word)
-            if word in (".", "!", "?"):
-                sentences.append(current)
-                current = []
-        if current:
-            sentences.append(current)
-        contexts, current, words = [], [], 0
-        for sentence in sentences:
-            if current and words + len(sentence) > max_words:
-                contexts.append(current)
-                current, words = [], 0
-            current.append(sentence)
-            words += len(sentence)
-        if current:
-            contexts.append(current)
-        for context in contexts:
-            text = " ".join(w for sentence in context for w in sentence)
-            qas, offset = [], 0
-            for sentence in context:
-                span = _cloze_answer(sentence, rng) if 8 <= len(sentence) <= 40 else None
-                if span is not None:
-                    i, j = span
-                    answer = " ".join(sentence[i:j])
-                    body = sentence[:-1] if sentence[-1] in (".", "!", "?") else sentence
-                    kept = [w for k, w in enumerate(body) if not i <= k < j and w != "<unk>"
-                            and rng.random() >= drop]
-                    start = offset + sum(len(w) + 1 for w in sentence[:i])
-                    count += 1
-                    qas.append(dict(id=f"cloze-{count}",
-                                    question=" ".join([_cloze_wh(sentence[i:j])] + kept) + " ?",
-                                    answers=[(answer, start)]))
-                offset += sum(len(w) + 1 for w in sentence)
-            if qas:
-                paragraphs.append(dict(context=text, qas=qas))
-    return paragraphs
-
-
-def answer_token_span(spans, char_start, char_end):
-    """First and last token overlapping text[char_start:char_end]; (-1, -1) if none."""
-    first = next((i for i, (s, e) in enumerate(spans) if e > char_start), None)
-    last = next((i for i in range(len(spans) - 1, -1, -1) if spans[i][0] < char_end), None)
-    if first is None or last is None or first > last:
-        return -1, -1
-    return first, last
-
-
-def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training=False):
-    """Model inputs for SQuAD: <cls> question <sep> context window <sep>, padded to bptt.
-
-    Without doc_stride each question gets one window, the start of its context (the
-    original). With doc_stride, windows start every doc_stride context tokens until
-    the end of the context is covered. In training, a window that does not hold the
-    (first) answer is left out without doc_stride (as the original did) and points at
-    <cls> with it (as BERT's run_squad does).
-
-    Returns (examples, features): examples[k] = dict(id, context, answers, spans);
-    features = dict of tensors: input_ids, token_types (F, bptt), match (F, bptt) 1 at a
-    context token whose word (the token's text, so `<unk>` words too) is also a word of
-    the question, punctuation aside; start, end (F,) answer
-    positions in the input (-1 when not inside), example (F,), ctx_start (F,) input
-    position of the window's first context token, window (F,) its context-token index.
-    """
-    examples, rows = [], []
-    shown = monitor.Progress("preparing SQuAD windows", sum(len(p["qas"]) for p in paragraphs),
-                             "questions")
-    for para in paragraphs:
-        ctx_tokens, spans = tokenizer.tokenize_with_spans(para["context"])
-        ctx_ids = vocab.lookup_indices(ctx_tokens)
-        for qa in para["qas"]:
-            q_tokens = tokenizer(qa["question"])
-            q_ids = vocab.lookup_indices(q_tokens)
-            q_words = {t for t in q_tokens if any(c.isalnum() for c in t)}
-            ctx_match = [int(t in q_words) for t in ctx_tokens]
-            budget = bptt - len(q_ids) - 3
-            if budget < 1:
-                raise DataError(f"question {qa['id']} has {len(q_ids)} tokens, which leaves no "
-                                f"room for its context in --bptt {bptt}; raise --bptt")
-            gold = [answer_token_span(spans, s, s + len(t)) for t, s in qa["answers"]]
-            k = len(examples)
-            examples.append(dict(id=qa["id"], context=para["context"], spans=spans,
-                                 answers=[t for t, _ in qa["answers"]], gold=gold))
-            step = min(doc_stride, budget) if doc_stride else None
-            w = 0
-            while True:
-                window = ctx_ids[w:w + budget]
-                ctx_start = len(q_ids) + 2
-                s, e = gold[0] if gold else (-1, -1)
-                inside = s >= w and 0 <= e < w + len(window)
-                target = (s - w + ctx_start, e - w + ctx_start) if inside else (-1, -1)
-                if training and not inside and doc_stride:
-                    target = (0, 0)  # BERT: a window without the answer points at <cls>
-                if not (training and target[0] < 0):
-                    rows.append((k, [CLS] + q_ids + [SEP] + window + [SEP], ctx_start, w,
-                                 len(window), target, ctx_match[w:w + budget]))
-                if step is None or w + budget >= len(ctx_ids):
-                    break
-                w += step
-            shown.update()
-    shown.close()
-    n = len(rows)
-    input_ids = torch.full((n, bptt), PAD, dtype=torch.long)
-    types = torch.ones((n, bptt), dtype=torch.long)
-    match = torch.zeros((n, bptt), dtype=torch.long)
-    meta = torch.zeros((n, 6), dtype=torch.long)
-    for i, (k, seq, ctx_start, w, wlen, (s, e), window_match) in enumerate(rows):
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        types[i, :ctx_start] = 0
-        match[i, ctx_start:ctx_start + wlen] = torch.tensor(window_match, dtype=torch.long)
-        meta[i] = torch.tensor([s, e, k, ctx_start, w, wlen])
-    names = ("start", "end", "example", "ctx_start", "window", "window_len")
-    features = dict(input_ids=input_ids, token_types=types, match=match,
-                    **{name: meta[:, j] for j, name in enumerate(names)})
-    return examples, features
-
-
-def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
-               with_total=False):
-    """Best span per row with start <= end < start + max_answer_len inside the context.
-
-    start_logits, end_logits (F, S); ctx_start, window_len (F,) -> (score, start, end),
-    each (F,), positions in the input; with_total, also the logsumexp of the scores of
-    all those spans (score - total is the best span's log-probability among them).
-    """
-    F_, S = start_logits.shape
-    pos = torch.arange(S, device=start_logits.device)
-    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + window_len)[:, None])  # (F, S)
-    scores = start_logits[:, :, None] + end_logits[:, None, :]  # (F, S start, S end)
-    gap = pos[None, :] - pos[:, None]  # end - start
-    allowed = (gap >= 0) & (gap < max_answer_len)  # (S, S)
-    allowed = allowed[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    best, flat = scores.view(F_, -1).max(dim=1)
-    if with_total:
-        return best, flat // S, flat % S, torch.logsumexp(scores.view(F_, -1), dim=1)
-    return best, flat // S, flat % S

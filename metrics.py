@@ -63,32 +63,36 @@ def metric_max_over_ground_truths(metric_fn, prediction, ground_truths):
     return max(metric_fn(prediction, gt) for gt in ground_truths)
 
 
-def squad_evaluate(dataset, predictions):
-    """Score ``predictions`` ({question id: answer text}) against ``dataset``.
+def score_answers(questions, predictions):
+    """Official v1.1 scores of ``predictions`` ({question id: answer text}) for
+    ``questions``, an iterable of (id, [ground-truth answer texts]).
 
-    ``dataset`` is the list under the SQuAD JSON's "data" key. Every question
-    counts; one with no prediction scores 0 for both metrics (the official
-    script prints a message, here the count is returned as "missing").
+    Every question counts; one with no prediction scores 0 for both metrics (the
+    official script prints a message, here the count is returned as "missing").
     Returns percentages averaged over all questions.
     """
     exact = f1 = 0.0
     total = missing = 0
-    for article in dataset:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                total += 1
-                if qa["id"] not in predictions:
-                    missing += 1
-                    continue
-                truths = [answer["text"] for answer in qa["answers"]]
-                prediction = predictions[qa["id"]]
-                exact += metric_max_over_ground_truths(
-                    exact_match_score, prediction, truths)
-                f1 += metric_max_over_ground_truths(f1_score, prediction, truths)
+    for qid, truths in questions:
+        total += 1
+        if qid not in predictions:
+            missing += 1
+            continue
+        prediction = predictions[qid]
+        exact += metric_max_over_ground_truths(exact_match_score, prediction, truths)
+        f1 += metric_max_over_ground_truths(f1_score, prediction, truths)
     if total == 0:
         return {"exact_match": 0.0, "f1": 0.0, "total": 0, "missing": 0}
     return {"exact_match": 100.0 * exact / total, "f1": 100.0 * f1 / total,
             "total": total, "missing": missing}
+
+
+def squad_evaluate(dataset, predictions):
+    """Score ``predictions`` ({question id: answer text}) against ``dataset``, the list
+    under the SQuAD JSON's "data" key, as evaluate-v1.1.py does (see score_answers)."""
+    return score_answers(((qa["id"], [answer["text"] for answer in qa["answers"]])
+                          for article in dataset for paragraph in article["paragraphs"]
+                          for qa in paragraph["qas"]), predictions)
 
 
 # ---------------------------------------------------------------------------

@@ -14,9 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
+import dist
+import monitor
+import train
 import utils
-from model import MLMTask, count_parameters
+from model import MAX_POSITIONS, MLMTask, count_parameters
 
 
 def build_parser():
@@ -44,8 +48,7 @@ def build_parser():
         help="where to keep the best full model (encoder and MLM head)")
     add("--loss-log", type=str, default="mlm_loss.txt", help="the loss log written at the end")
     utils.add_freeze_flag(p, "at their random initialisation: the encoder learns to read fixed, "
-                          "nearly orthogonal word vectors (in the laptop recipe this scored "
-                          "lower on SQuAD than training them; see README)")
+                          "nearly orthogonal word vectors")
     return p
 
 
@@ -61,95 +64,98 @@ def check_args(args):
         raise utils.UserError(f"--mask_frac must be between 0 and 1, got {args.mask_frac}")
     if not 0.0 <= args.dropout < 1.0:
         raise utils.UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.bptt + 1 > 512:
-        raise utils.UserError(f"--bptt {args.bptt} plus <cls> exceeds the model's 512 positions")
-    utils.check_writable(args.save, args.save_full, args.loss_log, args.save_vocab)
+    if args.bptt + 1 > MAX_POSITIONS:
+        raise utils.UserError(f"--bptt {args.bptt} plus <cls> exceeds the model's "
+                              f"{MAX_POSITIONS} positions")
+    utils.check_writable(args.save, args.save_full, args.loss_log, args.save_vocab,
+                         utils.results_path(args))
 
 
-def prepare_vocab(args, dataset, sources, tokenizer):
+def prepare_vocab(args, dataset, sources, tokenizer, ctx):
     """Read --save-vocab if it exists (as the original did), else build it from train."""
     if Path(args.save_vocab).exists():
         vocab = data.Vocab.load(args.save_vocab)
-        utils.print0(f"| vocabulary: {len(vocab)} tokens read from {args.save_vocab}")
+        ctx.print0(f"| vocabulary: {len(vocab)} tokens read from {args.save_vocab}")
     else:
         vocab = data.Vocab.build(data.count_tokens_for_vocab(dataset, sources, tokenizer))
-        utils.atomic_write_text(args.save_vocab, vocab.to_text())
-        utils.print0(f"| vocabulary: {len(vocab)} tokens built from the {dataset} train split, "
-                     f"saved to {args.save_vocab}")
+        checkpoint.atomic_write_text(args.save_vocab, vocab.to_text(), ctx.main)
+        ctx.print0(f"| vocabulary: {len(vocab)} tokens built from the {dataset} train split, "
+                   f"saved to {args.save_vocab}")
     return vocab
 
 
-def mlm_loss(mask_frac, mask_mode, vocab_size, generator, train=True):
-    """loss_fn(model, block) for utils.train_epoch (mean loss) or utils.evaluate (sums).
+def mlm_loss(mask_frac, mask_mode, vocab_size, generator, ctx, train=True):
+    """loss_fn(model, block) for the Trainer (mean loss) or train.evaluate (sums).
 
     block (B * world, bptt) is the global batch: every rank draws the same masks for
-    all of it from the same generator, then runs its own B rows, so a job of any size
-    trains on the same masked batches. The loss is normalised by the global number of
-    masked tokens (times world, as DDP averages gradients over the ranks).
+    all of it from the same generator, then runs its own rows (ctx.rows, the sharding
+    policy of every task), so a job of any size trains on the same masked batches. The
+    loss is normalised by the global number of masked tokens (times world, as DDP
+    averages gradients over the ranks).
     """
     def loss_fn(model, block):
         tokens = data.add_cls(block)
         inputs, masked, _ = data.mask_tokens(tokens, mask_frac, vocab_size, mask_mode, generator)
-        rows = block.size(0) // utils.DIST.world
-        mine = slice(utils.DIST.rank * rows, (utils.DIST.rank + 1) * rows)
+        mine = ctx.rows(block.size(0))
         logits = model(inputs[mine], masked_positions=masked[mine])  # (M, ntoken), M masked
         loss = F.cross_entropy(logits.float(), tokens[mine][masked[mine]], reduction="sum")
         if train:
-            return loss * utils.DIST.world / masked.sum()
+            return loss * ctx.world / masked.sum()
         return dict(loss=loss, count=masked[mine].sum())
     return loss_fn
+
+
+def describe(split, r):
+    """The scores' text in the printouts."""
+    return f"{split} loss {r['loss']:5.2f} | {split} ppl {r['ppl']:8.2f}"
 
 
 def main(args):
     check_args(args)
     tokenizer = data.Tokenizer()
-    device = utils.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
+    ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
+    recorder = train.recorder(args, ctx)
     sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
-    vocab = prepare_vocab(args, args.dataset, sources, tokenizer)
+    vocab = prepare_vocab(args, args.dataset, sources, tokenizer, ctx)
     blocks = {}
     for split, (ids, _) in data.load_corpus(args.dataset, sources, vocab, tokenizer,
-                                            args.cache_dir).items():
-        blocks[split] = data.mlm_blocks(ids, args.batch_size * utils.DIST.world, args.bptt,
-                                        split).to(device)
-        utils.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
+                                            args.cache_dir, ctx.main).items():
+        blocks[split] = data.mlm_blocks(ids, args.batch_size * ctx.world, args.bptt,
+                                        split).to(ctx.device)
+        ctx.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
 
     raw = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout,
                   args.norm_first, args.tie_weights)
-    raw.to(device)
-    utils.freeze_embeddings(raw.bert_model, args, "at their random initialisation")
-    utils.print0(f"| model: {count_parameters(raw):,} parameters")
-    model = utils.wrap_ddp(raw, args)
+    model = train.prepare_model(raw, args, ctx, "at their random initialisation")
+    ctx.print0(f"| model: {count_parameters(raw):,} parameters")
 
-    masks = torch.Generator(device=device).manual_seed(args.seed % 2**63)
-    train_loss = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), masks)
+    masks = torch.Generator(device=ctx.device).manual_seed(args.seed % 2**63)
 
     def evaluate(split):
         # The same masks at every evaluation, so valid losses compare across epochs.
-        gen = torch.Generator(device=device).manual_seed((args.seed + 1) % 2**63)
-        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), gen, train=False)
-        sums = utils.evaluate(model, blocks[split], loss_fn, args)
-        return sums["loss"] / sums["count"]
+        gen = torch.Generator(device=ctx.device).manual_seed((args.seed + 1) % 2**63)
+        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), gen, ctx, train=False)
+        sums = train.evaluate(model, blocks[split], loss_fn, args, ctx)
+        loss = sums["loss"] / sums["count"]
+        return dict(loss=loss, ppl=utils.safe_exp(loss))
 
-    def validate(model):
-        loss = evaluate("valid")
-        ppl = utils.safe_exp(loss)
-        return loss, f"valid loss {loss:5.2f} | valid ppl {ppl:8.2f}", loss, dict(ppl=ppl)
+    task = train.Task(
+        "mlm_task", mlm_loss(args.mask_frac, args.mask_mode, len(vocab), masks, ctx),
+        lambda epoch: blocks["train"], len(blocks["train"]), lambda model: evaluate("valid"),
+        describe, lambda: checkpoint.save_task(args.save_full, raw, "mlm_task", vocab.fingerprint,
+                                               ctx.main),
+        vocab.fingerprint, generators=(masks,), train_tags=train.Task.train_tags + ("ppl",))
+    trainer = train.Trainer(args, ctx, model, raw, task, recorder)
+    trainer.fit()
 
-    def save_best():
-        utils.save_task(args.save_full, raw, "mlm_task", vocab.fingerprint)
-
-    train_log, val_log = utils.Trainer(
-        args, model, raw, train_loss, lambda epoch: blocks["train"], len(blocks["train"]),
-        validate, save_best, "mlm_task", vocab.fingerprint, generators=[masks]).fit()
-
-    utils.load_task(raw, args.save_full, "mlm_task", vocab.fingerprint)
-    test_loss = evaluate("test")
-    utils.finish(args, f"test loss {test_loss:5.2f} | test ppl {utils.safe_exp(test_loss):8.2f}",
-                 train_log, val_log, test_loss, dict(ppl=utils.safe_exp(test_loss)))
-    utils.save_encoder(args.save, raw.bert_model, vocab.fingerprint,
-                       test_loss=test_loss, test_ppl=math.exp(min(test_loss, 700)))
-    utils.print0(f"| saved the encoder to {args.save}")
+    ctx.barrier()  # the file may just have been written by rank 0
+    checkpoint.load_into(raw, args.save_full, "mlm_task", vocab.fingerprint)
+    scores = evaluate("test")
+    trainer.finish(scores)
+    checkpoint.save_encoder(args.save, raw.bert_model, vocab.fingerprint, ctx.main,
+                            test_loss=scores["loss"], test_ppl=math.exp(min(scores["loss"], 700)))
+    ctx.print0(f"| saved the encoder to {args.save}")
 
 
 if __name__ == "__main__":
-    utils.cli(main, build_parser(), errors=(data.DataError,))
+    dist.cli(main, build_parser(), errors=(data.DataError,))

@@ -234,6 +234,10 @@ class BertModel(nn.Module):
         self.final_norm = nn.LayerNorm(ninp) if norm_first else None
         self.apply(init_weights)
 
+    def freeze_word_embeddings(self):
+        """The word embeddings get no gradient (an optimizer then skips them)."""
+        self.bert_embed.embed.weight.requires_grad_(False)
+
     def forward(self, src, token_type_input=None, key_padding_mask=None, extra_embedding=None,
                 positions=None):
         """(N, S) ids -> (N, S, E); given positions (N, S) bool -> (M, E), the outputs at the M
@@ -280,6 +284,16 @@ class MLMTask(nn.Module):
             head.apply(init_weights)
         if tie_weights:  # BERT's: the vocabulary projection is the word embedding matrix
             self.mlm_head.weight = self.bert_model.bert_embed.embed.weight
+
+    @property
+    def tied(self):
+        """True when the output projection is the word embedding matrix (--tie-weights)."""
+        return self.mlm_head.weight is self.bert_model.bert_embed.embed.weight
+
+    @staticmethod
+    def state_is_tied(state):
+        """Whether a state dict of an MLMTask was saved with tied weights."""
+        return torch.equal(state["mlm_head.weight"], state["bert_model.bert_embed.embed.weight"])
 
     def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None):
         # (M, E) at masked positions: the vocabulary projection is the costly part

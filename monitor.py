@@ -1,30 +1,38 @@
-"""Seeing a run: progress of long preparation and evaluation, and TensorBoard scalars.
+"""Seeing a run: progress of long work, the run's numbers as JSON lines (and on
+TensorBoard), and the original example's printouts rendered from those numbers.
 
 Progress is a bar redrawn in place when the output is a terminal, and a plain line
 every `every` seconds otherwise (a SLURM log gets a few lines, not thousands of
 redraws). Work that ends within `quiet` seconds prints nothing. The environment
-variables BERT_PROGRESS_EVERY (30) and BERT_PROGRESS_QUIET (2) change both. Only the process
-whose `monitor.ENABLED` is true prints (utils.setup clears it on ranks other than 0).
+variables BERT_PROGRESS_EVERY (30) and BERT_PROGRESS_QUIET (2) change both. A process
+that is not rank 0 of a job passes enabled=False and prints nothing.
 
     for line in progress(lines, "tokenizing", unit="lines"): ...
-    board = Board("runs/tb"); board.scalars(step, {"train/loss": 2.3}); board.close()
+    rec = Recorder("mlm_loss.jsonl", Board("runs/tb")); rec.start(append=False)
+    rec.write(dict(record="valid", epoch=1, loss=2.3), step=1, tags=["loss"]); rec.close()
 """
+import json
 import os
 import sys
 import time
 
-ENABLED = True
-EVERY = float(os.environ.get("BERT_PROGRESS_EVERY", 30))  # seconds between plain lines
-QUIET = float(os.environ.get("BERT_PROGRESS_QUIET", 2))  # work shorter than this shows nothing
+LINE = "-" * 89
+DOUBLE_LINE = "=" * 89
+
+
+def _setting(name, default):
+    return float(os.environ.get(name, default))
 
 
 class Progress:
     """Counts done work; see the module docstring for what it prints and when."""
 
-    def __init__(self, desc, total=None, unit="", every=None, quiet=None, stream=None):
-        self.desc, self.total, self.unit = desc, total, unit
-        self.every = EVERY if every is None else every
-        self.quiet = QUIET if quiet is None else quiet
+    def __init__(self, desc, total=None, unit="", every=None, quiet=None, stream=None,
+                 enabled=True):
+        self.desc, self.total, self.unit, self.enabled = desc, total, unit, enabled
+        # seconds between plain lines; work shorter than quiet shows nothing
+        self.every = _setting("BERT_PROGRESS_EVERY", 30) if every is None else every
+        self.quiet = _setting("BERT_PROGRESS_QUIET", 2) if quiet is None else quiet
         self.stream = stream or sys.stdout
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.done, self.start, self.last, self.shown = 0, time.time(), 0.0, False
@@ -41,7 +49,7 @@ class Progress:
 
     def update(self, n=1):
         self.done += n
-        if not ENABLED:
+        if not self.enabled:
             return
         now = time.time()
         elapsed = now - self.start
@@ -59,7 +67,7 @@ class Progress:
 
     def close(self):
         """Ends the bar (or the lines) with a final count, if anything was shown."""
-        if ENABLED and self.shown:
+        if self.enabled and self.shown:
             elapsed = time.time() - self.start
             unit = f" {self.unit}" if self.unit else ""
             end = f"| {self.desc}: done, {self.done:,}{unit} in {elapsed:.1f} s"
@@ -112,3 +120,77 @@ class Board:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class Recorder:
+    """The run's numbers: one JSON object per line in path (on the main process only),
+    and the same numbers as TensorBoard scalars on board.
+
+    Records: {"record": "train", epoch, step, steps, loss, ppl, lr, ms_per_batch, ...}
+    per log interval; {"record": "valid", epoch, seconds, loss, <scores>} per epoch;
+    {"record": "test", loss, <scores>} at the end. A resumed run appends to the file of
+    the run it continues (read_results keeps the last record of a repeated step).
+    """
+
+    def __init__(self, path, board=None, main=True):
+        self.path, self.board, self.main, self.file = path, board or Board(None), main, None
+
+    def start(self, append):
+        if self.main and self.path:
+            self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, record, step=None, tags=()):
+        """Append record; tags: its keys that also go to TensorBoard, as
+        '<record>/<key>' at step."""
+        if self.file is not None:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.flush()
+        self.board.scalars(step, {f"{record['record']}/{k}": record[k] for k in tags
+                                  if k in record})
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.board.close()
+
+
+def read_results(path):
+    """The records of a results file, in order; a record repeated by a resumed run (same
+    record kind, epoch and step) replaces the earlier one. ValueError for a file that
+    is not JSON lines of records."""
+    records, where = [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {n} is not JSON ({e})") from None
+            if not isinstance(r, dict) or "record" not in r:
+                raise ValueError(f"line {n} is not a record of a task script")
+            key = (r["record"], r.get("epoch"), r.get("step"))
+            if key in where:
+                records[where[key]] = None
+            where[key] = len(records)
+            records.append(r)
+    return [r for r in records if r is not None]
+
+
+# --------------------------------------------------------------------------- printouts
+
+def train_line(r, fmt):
+    """The original's progress line from a train record; fmt: formats of loss and ppl."""
+    return (f"| epoch {r['epoch']:3d} | {r['step']:5d}/{r['steps']:5d} batches | lr "
+            f"{r['lr']:05.5f} | ms/batch {r['ms_per_batch']:5.2f} | "
+            f"loss {r['loss']:{fmt[0]}} | ppl {r['ppl']:{fmt[1]}}")
+
+
+def epoch_lines(r, text):
+    """The end-of-epoch block from a valid record and the task's text of its scores."""
+    return f"{LINE}\n| end of epoch {r['epoch']:3d} | time: {r['seconds']:5.2f}s | {text}\n{LINE}"
+
+
+def final_lines(text):
+    return f"{DOUBLE_LINE}\n| End of training | {text}\n{DOUBLE_LINE}"

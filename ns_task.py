@@ -14,9 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
+import dist
+import train
 import utils
-from model import NextSentenceTask
+from model import MAX_POSITIONS, NextSentenceTask
 
 
 def build_parser():
@@ -45,11 +48,12 @@ def check_args(args):
         raise utils.UserError(f"--frac_ns must be between 0 and 1, got {args.frac_ns}")
     if args.min_sentence_len < 0:
         raise utils.UserError(f"--min_sentence_len must not be negative, got {args.min_sentence_len}")
-    if args.bptt + 1 > 512:
-        raise utils.UserError(f"--bptt {args.bptt} plus <cls> exceeds the model's 512 positions")
+    if args.bptt + 1 > MAX_POSITIONS:
+        raise utils.UserError(f"--bptt {args.bptt} plus <cls> exceeds the model's "
+                              f"{MAX_POSITIONS} positions")
     if args.cuda:
         args.device = "cuda"
-    utils.check_writable(args.save, args.save_full, args.loss_log)
+    utils.check_writable(args.save, args.save_full, args.loss_log, utils.results_path(args))
 
 
 def ns_step(model, batch, reduce=True):
@@ -62,19 +66,29 @@ def ns_step(model, batch, reduce=True):
                 correct=(logits.argmax(1) == labels).sum(), count=len(labels))
 
 
+def describe(split, r):
+    """The scores' text in the printouts."""
+    text = f"{split} loss {r['loss']:8.5f} | "
+    if split == "test":
+        text += f"test ppl {utils.safe_exp(r['loss']):8.5f} | "
+    return text + f"{split} accuracy {r['accuracy']:6.2f}%"
+
+
 def main(args):
     check_args(args)
     tokenizer, vocab = data.Tokenizer(), data.Vocab.load(args.save_vocab)
-    device = utils.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
-    raw, model = utils.finetune_model(NextSentenceTask, args, vocab, device)
+    ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
+    recorder = train.recorder(args, ctx)
+    raw = NextSentenceTask(checkpoint.load_encoder(args.bert_model, vocab, args.dropout))
+    model = train.prepare_model(raw, args, ctx)
     sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
-    corpus = data.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir)
+    corpus = data.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir, ctx.main)
 
     def pairs(split, seed):
         ids, offsets = corpus[split]
         gen = torch.Generator().manual_seed(seed)
         tensors = data.ns_pairs(ids, offsets, args.min_sentence_len, args.frac_ns, args.bptt, gen)
-        return [t.to(device) for t in tensors]
+        return [t.to(ctx.device) for t in tensors]
 
     # Validation and test pairs are drawn once, so their losses compare across epochs;
     # training pairs are drawn anew each epoch (new split points and partners).
@@ -82,36 +96,35 @@ def main(args):
     counts = {split: int((np.diff(offsets) >= max(2, args.min_sentence_len)).sum())
               for split, (_, offsets) in corpus.items()}
     for split, n in counts.items():
-        utils.print0(f"| {split}: {n} pairs (lines with at least {args.min_sentence_len} tokens)")
+        ctx.print0(f"| {split}: {n} pairs (lines with at least {args.min_sentence_len} tokens)")
 
     def train_batches(epoch):
         return data.Batches(*pairs("train", args.seed * 100 + epoch), batch_size=args.batch_size,
-                            shuffle=True, seed=args.seed, epoch=epoch, **utils.shard(True))
+                            shuffle=True, seed=args.seed, epoch=epoch, **ctx.shard(True))
 
     def evaluate(split):
-        batches = data.Batches(*fixed[split], batch_size=args.batch_size, **utils.shard(False))
-        sums = utils.evaluate(model, batches, lambda m, b: ns_step(m, b, reduce=False), args)
-        return sums["loss"] / sums["count"], 100.0 * sums["correct"] / sums["count"]
+        batches = data.Batches(*fixed[split], batch_size=args.batch_size, **ctx.shard(False))
+        sums = train.evaluate(model, batches, lambda m, b: ns_step(m, b, reduce=False), args, ctx)
+        return dict(loss=sums["loss"] / sums["count"],
+                    accuracy=100.0 * sums["correct"] / sums["count"])
 
-    def validate(model):
-        loss, acc = evaluate("valid")
-        return loss, f"valid loss {loss:8.5f} | valid accuracy {acc:6.2f}%", loss, dict(accuracy=acc)
+    task = train.Task(
+        "ns_task", ns_step, train_batches,
+        data.Batches.count(counts["train"], args.batch_size, **ctx.shard(True)),
+        lambda model: evaluate("valid"), describe,
+        lambda: checkpoint.save_task(args.save_full, raw, "ns_task", vocab.fingerprint, ctx.main),
+        vocab.fingerprint, fmt=("8.5f", "5.2f"))
+    trainer = train.Trainer(args, ctx, model, raw, task, recorder)
+    trainer.fit()
 
-    train_log, val_log = utils.Trainer(
-        args, model, raw, ns_step, train_batches,
-        data.Batches.count(counts["train"], args.batch_size, **utils.shard(True)), validate,
-        lambda: utils.save_task(args.save_full, raw, "ns_task", vocab.fingerprint),
-        "ns_task", vocab.fingerprint, fmt=("8.5f", "5.2f")).fit()
-
-    utils.load_task(raw, args.save_full, "ns_task", vocab.fingerprint)
-    test_loss, test_acc = evaluate("test")
-    utils.finish(args, f"test loss {test_loss:8.5f} | test ppl {utils.safe_exp(test_loss):8.5f} | "
-                       f"test accuracy {test_acc:6.2f}%", train_log, val_log, test_loss,
-                 dict(accuracy=test_acc))
-    utils.save_encoder(args.save, raw.bert_model, vocab.fingerprint,
-                       test_loss=test_loss, test_accuracy=test_acc)
-    utils.print0(f"| saved the encoder to {args.save}")
+    ctx.barrier()  # the file may just have been written by rank 0
+    checkpoint.load_into(raw, args.save_full, "ns_task", vocab.fingerprint)
+    scores = evaluate("test")
+    trainer.finish(scores)
+    checkpoint.save_encoder(args.save, raw.bert_model, vocab.fingerprint, ctx.main,
+                            test_loss=scores["loss"], test_accuracy=scores["accuracy"])
+    ctx.print0(f"| saved the encoder to {args.save}")
 
 
 if __name__ == "__main__":
-    utils.cli(main, build_parser(), errors=(data.DataError,))
+    dist.cli(main, build_parser(), errors=(data.DataError,))

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -38,10 +37,13 @@ from pathlib import Path
 
 import torch
 
+import data
+import monitor
+
 HERE = Path(__file__).resolve().parent
 
 # The settings chosen for a 2-core CPU: the pipeline takes about 46 minutes of the hour
-# (see README, "Laptop recipe").
+# (see docs/recipe.md).
 DEFAULTS = dict(emsize=128, nhid=512, nlayers=2, nhead=2, dropout=0.0, batch_size=32, bptt=128,
                 mlm_epochs=8, mlm_lr=1e-3, ns_epochs=1, ns_lr=3e-5, cloze_epochs=4,
                 qa_epochs=5, qa_lr=1e-3,
@@ -64,8 +66,7 @@ def parse(argv=None):
                         "--freeze-embeddings)")
     p.add_argument("--freeze-pretraining", action="store_true",
                    help="also keep the word embeddings at their random initialisation in the "
-                        "masked-LM and next-sentence steps (measured worse; see README; needs "
-                        "--no-tie-weights)")
+                        "masked-LM and next-sentence steps (needs --no-tie-weights)")
     p.add_argument("--no-tie-weights", dest="tie_weights", action="store_false",
                    help="pretrain without mlm_task.py --tie-weights (a separate masked-LM output "
                         "projection, as in the original)")
@@ -88,11 +89,7 @@ def parse(argv=None):
 
 def squad_files(folder):
     """(train, eval, label): the official files where they exist, else the dev split."""
-    def find(name):
-        for candidate in (folder / name, folder / (name + ".gz")):
-            if candidate.is_file():
-                return candidate
-        return None
+    find = lambda name: data.find_file(folder, name)
     train, dev = find("train-v1.1.json"), find("dev-v1.1.json")
     if train and dev:
         return train, dev, "dev"
@@ -105,7 +102,7 @@ def squad_files(folder):
 
 
 def commands(a, out):
-    """The stages: (name, argv, the file that shows it is done)."""
+    """The stages: (name, argv, its results file, which shows that it is done)."""
     size = ["--emsize", a.emsize, "--nhid", a.nhid, "--nlayers", a.nlayers, "--nhead", a.nhead]
     common = ["--device", a.device, "--batch_size", a.batch_size, "--bptt", a.bptt, "--optimizer", "adamw",
               "--warmup", a.warmup, "--clip", 1.0, "--save-vocab", out / "vocab.txt"]
@@ -133,47 +130,43 @@ def commands(a, out):
                 "--loss-log", out / f"{tag}_loss.txt", "--state-file", out / f"{tag}_state.pt",
                 "--resume", *(["--match-feature"] if a.match_feature else []),
                 *(["--freeze-embeddings"] if freeze else []), *extra]
-    stages = [("mlm", mlm, out / "mlm_loss.txt"), ("ns", ns, out / "ns_loss.txt")]
+    stages = [("mlm", mlm, out / "mlm_loss.jsonl"), ("ns", ns, out / "ns_loss.jsonl")]
     start = []
     if a.cloze_epochs:
         stages.append(("cloze", qa("cloze", ["--cloze-dir", a.wikitext], epochs=a.cloze_epochs),
-                       out / "cloze_loss.txt"))
+                       out / "cloze_loss.jsonl"))
         start = ["--checkpoint", out / "cloze_model.pt"]
-    stages.append(("qa", qa("qa", start), out / "qa_loss.txt"))
+    stages.append(("qa", qa("qa", start), out / "qa_loss.jsonl"))
     if not a.no_baseline:
-        stages.append(("qa_random", qa("qa_random", ["--random-init"]), out / "qa_random_loss.txt"))
+        stages.append(("qa_random", qa("qa_random", ["--random-init"]), out / "qa_random_loss.jsonl"))
         if a.freeze_embeddings:
             # Fixed random word vectors may handicap the baseline: also let it train them.
             stages.append(("qa_random_trainable", qa("qa_random_trainable", ["--random-init"], False),
-                           out / "qa_random_trainable_loss.txt"))
+                           out / "qa_random_trainable_loss.jsonl"))
     return [(name, [str(x) for x in argv], done) for name, argv, done in stages]
 
 
-NUMBER = r"([-+0-9.eE]+|nan|inf)"
+def finished(path):
+    """True when a stage's results file holds its final (test) record."""
+    try:
+        return any(r["record"] == "test" for r in monitor.read_results(path))
+    except (OSError, ValueError):
+        return False
 
 
-def scores(name, text):
-    """The numbers of a stage's printout that go into the table."""
-    found = {}
-
-    def last(pattern):
-        hits = re.findall(pattern, text)
-        return float(hits[-1]) if hits else None
+def scores(name, path):
+    """The numbers of a stage's results file (JSON lines) that go into the table."""
+    records = monitor.read_results(path)
+    last = lambda kind: next((r for r in reversed(records) if r["record"] == kind), {})
+    valid, test = last("valid"), last("test")
     if name == "mlm":
-        found["valid ppl"] = last(r"valid ppl\s+" + NUMBER)
-        found["test ppl"] = last(r"End of training \| test loss\s+\S+ \| test ppl\s+" + NUMBER)
-    elif name == "ns":
-        found["test loss"] = last(r"End of training \| test loss\s+" + NUMBER)
-        found["test accuracy"] = last(r"End of training .*test accuracy\s+" + NUMBER)
-    else:
-        end = re.findall(r"End of training \| \S+ loss\s+\S+ \| exact\s+" + NUMBER
-                         + r"% \| f1\s+" + NUMBER + r"%\n\| original-style token metrics \((\d+) "
-                         r"of (\d+) questions\) \| exact\s+" + NUMBER + r"% \| f1\s+" + NUMBER, text)
-        if end:
-            em, f1, kept, total, oem, of1 = end[-1]
-            found.update(EM=float(em), F1=float(f1), questions=int(total), kept=int(kept),
-                         orig_exact=float(oem), orig_f1=float(of1))
-    return found
+        return {"valid ppl": valid.get("ppl"), "test ppl": test.get("ppl")}
+    if name == "ns":
+        return {"test loss": test.get("loss"), "test accuracy": test.get("accuracy")}
+    if not test:
+        return {}
+    return dict(EM=test["exact"], F1=test["f1"], questions=test["questions"], kept=test["orig_n"],
+                orig_exact=test["orig_exact"], orig_f1=test["orig_f1"])
 
 
 def machine():
@@ -258,7 +251,7 @@ def main():
     changed = False  # once a stage runs, the stages after it run too: their input changed
     for name, argv, done in stages:
         log = out / f"{name}.log"
-        if (not changed and done.is_file()
+        if (not changed and finished(done)
                 and results.get(name, {}).get("command") == " ".join(argv)):
             print(f"== {name}: done in an earlier run ({log})", flush=True)
             continue
@@ -277,7 +270,7 @@ def main():
         if rc != 0:
             sys.exit(f"recipe.py: {name} failed (exit status {rc}); its output is in {log}. "
                      "Run the same command again to go on from where it stopped.")
-        results[name] = dict(scores(name, log.read_text()), seconds=time.time() - start,
+        results[name] = dict(scores(name, done), seconds=time.time() - start,
                              command=" ".join(argv))
         write_results(out, results, label, a, stages)
         print(f"== {name}: {time.time() - start:.0f} s; table in {out / 'results.md'}", flush=True)

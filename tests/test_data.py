@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import hashlib
 import zipfile
@@ -106,16 +107,16 @@ def test_download_checks_md5_and_keeps_the_file(tmp_path, monkeypatch):
     md5 = hashlib.md5(zpath.read_bytes()).hexdigest()
     target = tmp_path / "dl"
     target.mkdir()
-    monkeypatch.setitem(data.SOURCES, "WikiText2",
-                        dict(data.SOURCES["WikiText2"], url=zpath.as_uri(), md5="0" * 32))
+    wt2 = data.CORPORA["WikiText2"]
+    with_source = lambda **kw: dataclasses.replace(wt2, download=dataclasses.replace(wt2.download, **kw))
+    monkeypatch.setitem(data.CORPORA, "WikiText2", with_source(url=zpath.as_uri(), md5="0" * 32))
     with pytest.raises(data.DataError, match="MD5"):
         data.wikitext_files("WikiText2", target)
     assert not (target / "wikitext-2-v1.zip").exists()
-    monkeypatch.setitem(data.SOURCES, "WikiText2", dict(data.SOURCES["WikiText2"], md5=md5))
+    monkeypatch.setitem(data.CORPORA, "WikiText2", with_source(url=zpath.as_uri(), md5=md5))
     files = data.wikitext_files("WikiText2", target)
     assert (target / "wikitext-2-v1.zip").is_file() and files["train"].is_file()
-    monkeypatch.setitem(data.SOURCES, "WikiText2",
-                        dict(data.SOURCES["WikiText2"], url=(tmp_path / "absent.zip").as_uri()))
+    monkeypatch.setitem(data.CORPORA, "WikiText2", with_source(url=(tmp_path / "absent.zip").as_uri()))
     with pytest.raises(data.DataError, match="could not download"):
         data.wikitext_files("WikiText2", tmp_path / "src" / "..")
 

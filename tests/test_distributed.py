@@ -7,7 +7,8 @@ import time
 
 import torch
 
-import utils
+import data
+import dist
 from conftest import ROOT, TINY, run_script, script_env, write_squad, write_wikitext
 
 NO_DROPOUT = ["--dropout", "0", "--epochs", "1", "--lr", "1"]
@@ -22,15 +23,15 @@ def _max_diff(a, b):
 
 
 def test_first_slurm_host_and_launcher_env():
-    assert utils.first_slurm_host("gpu[03-05,9],cpu1") == "gpu03"
-    assert utils.first_slurm_host("node7") == "node7"
-    assert utils.first_slurm_host("a[1,2],b[3-4]") == "a1"
+    assert dist.first_slurm_host("gpu[03-05,9],cpu1") == "gpu03"
+    assert dist.first_slurm_host("node7") == "node7"
+    assert dist.first_slurm_host("a[1,2],b[3-4]") == "a1"
     env = dict(SLURM_PROCID="3", SLURM_NTASKS="8", SLURM_LOCALID="1",
                SLURM_JOB_NODELIST="n[10-11]", SLURM_JOB_ID="123456")
-    assert utils.launcher_env(env) == (3, 8, 1, "n10", str(20000 + 123456 % 20000))
-    assert utils.launcher_env(dict(env, MASTER_ADDR="h", MASTER_PORT="7")) == (3, 8, 1, "h", "7")
-    assert utils.launcher_env(dict(env, SLURM_NTASKS="1")) is None  # one task: spawn mode
-    assert utils.launcher_env(dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")) == (1, 2, 1, "127.0.0.1", "29500")
+    assert dist.launcher_env(env) == (3, 8, 1, "n10", str(20000 + 123456 % 20000))
+    assert dist.launcher_env(dict(env, MASTER_ADDR="h", MASTER_PORT="7")) == (3, 8, 1, "h", "7")
+    assert dist.launcher_env(dict(env, SLURM_NTASKS="1")) is None  # one task: spawn mode
+    assert dist.launcher_env(dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")) == (1, 2, 1, "127.0.0.1", "29500")
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
@@ -65,7 +66,7 @@ def test_qa_under_torchrun_matches_one_process(tmp_path):
                "--predictions", "one.json", cwd=tmp_path)
     env = script_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(utils.free_port()), str(ROOT / "qa_task.py"), *qa,
+                           "--master_port", str(dist.free_port()), str(ROOT / "qa_task.py"), *qa,
                            "--batch_size", "8", "--save", "two.pt", "--predictions", "two.json"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -76,7 +77,7 @@ def test_qa_under_torchrun_matches_one_process(tmp_path):
 
 def _slurm_ranks(tmp_path, args, world=2, only=None):
     """Start mlm_task.py as srun would: one process per task with SLURM_* variables."""
-    port = utils.free_port()
+    port = dist.free_port()
     env = script_env(SLURM_NTASKS=str(world), SLURM_JOB_ID=str(port), SLURM_JOB_NODELIST="localhost")
     env.pop("MASTER_PORT", None)
     env["MASTER_PORT"] = str(port)  # the derived port may be taken on a shared machine
@@ -122,3 +123,23 @@ def test_a_rank_that_never_joins_times_out(tmp_path):
     start = time.time()
     rank0.wait(timeout=120)
     assert rank0.returncode != 0 and time.time() - start < 90
+
+
+def test_one_sharding_policy():
+    """dist.shard_range cuts a global batch as torch.tensor_split does; Batches serves each
+    rank its share and rows_of says which rows those are, so that a sharded evaluation
+    (squad.Evaluator) can put the gathered rows back in order."""
+    for n in range(0, 12):
+        for world in (1, 2, 3, 5):
+            parts = torch.arange(n).tensor_split(world)
+            assert [list(range(*dist.shard_range(n, r, world))) for r in range(world)] == \
+                   [p.tolist() for p in parts]
+    rows = torch.arange(23)
+    served = {r: torch.cat([b for (b,) in data.Batches(rows, batch_size=4, rank=r, world=3)])
+              for r in range(3)}
+    for r in range(3):
+        assert torch.equal(served[r], data.Batches(rows, batch_size=4, rank=r, world=3).rows_of(r))
+    assert sorted(torch.cat(list(served.values())).tolist()) == list(range(23))  # each row once
+    assert max(len(v) for v in served.values()) <= 9  # 23 rows over 3 ranks: a third each
+    ctx = dist.Context(rank=1, world=2)
+    assert ctx.rows(7) == slice(4, 7) and ctx.shard(True) == dict(rank=1, world=2, drop_last=True)

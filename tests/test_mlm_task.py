@@ -3,7 +3,7 @@ import re
 import torch
 
 import data
-import utils
+import checkpoint
 from conftest import TINY, run_script
 
 BATCH_LINE = re.compile(r"^\| epoch +\d+ \| +\d+/ +\d+ batches \| lr \d+\.\d{5} \| ms/batch +[\d.]+ "
@@ -23,11 +23,11 @@ def test_end_to_end_tiny(tmp_path, wikitext):
     assert "emsize:    32" in log and "epoch   2 | train loss" in "\n".join(log)
     assert re.match(r"^test loss +\d+\.\d{5}$", log[-1])
     vocab = data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
-    enc = utils.load_encoder(tmp_path / "mlm_bert.pt", vocab)
+    enc = checkpoint.load_encoder(tmp_path / "mlm_bert.pt", vocab)
     assert enc.config["ninp"] == 32 and enc.config["nlayers"] == 2
     out = enc(torch.tensor([[data.CLS, 7, 8]]))
     assert out.shape == (1, 3, 32)
-    full = utils.load_checkpoint(tmp_path / "full_mlm_model.pt", "mlm_task")
+    full = checkpoint.load(tmp_path / "full_mlm_model.pt", "mlm_task")
     assert "mlm_head.weight" in full["model"]
 
 
@@ -75,7 +75,7 @@ def test_corrupt_vocab_and_checkpoint_are_refused_without_overwriting(tmp_path, 
 def test_norm_first_encoder_is_rebuilt_downstream(tmp_path, wikitext):
     run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--norm-first", cwd=tmp_path)
     vocab = data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
-    enc = utils.load_encoder(tmp_path / "mlm_bert.pt", vocab)
+    enc = checkpoint.load_encoder(tmp_path / "mlm_bert.pt", vocab)
     assert enc.config["norm_first"] is True and enc.final_norm is not None
     # starting from a post-LayerNorm model with --norm-first is refused by name
     run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--save-full", "post.pt",
@@ -92,7 +92,7 @@ def test_tie_weights_shares_the_embeddings_with_the_output_projection(tmp_path, 
     assert count(untied) - count(tied) == 100 * 32
     run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--tie-weights",
                "--optimizer", "adamw", "--lr", "1e-2", cwd=tmp_path)
-    full = utils.load_checkpoint(tmp_path / "full_mlm_model.pt", "mlm_task")["model"]
+    full = checkpoint.load(tmp_path / "full_mlm_model.pt", "mlm_task")["model"]
     assert torch.equal(full["mlm_head.weight"], full["bert_model.bert_embed.embed.weight"])
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--tie-weights", "--freeze-embeddings",
            match="--tie-weights .* pass one of them")

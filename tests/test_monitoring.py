@@ -10,6 +10,7 @@ import pytest
 
 import data
 import monitor
+import squad
 from conftest import ROOT, TINY, run_script, script_env, write_squad, write_wikitext
 
 
@@ -41,13 +42,10 @@ def test_progress_bar_on_a_terminal_and_silence_for_quick_work():
         pass
     assert quick.getvalue() == ""
     silent = io.StringIO()
-    monitor.ENABLED = False
-    try:
-        p = monitor.Progress("other rank", total=2, every=0.0, quiet=0.0, stream=silent)
-        p.update(2)
-        p.close()
-    finally:
-        monitor.ENABLED = True
+    p = monitor.Progress("other rank", total=2, every=0.0, quiet=0.0, stream=silent,
+                         enabled=False)
+    p.update(2)
+    p.close()
     assert silent.getvalue() == ""
 
 
@@ -96,28 +94,52 @@ def test_tensorboard_missing_is_one_clear_error(tmp_path):
     assert not (tmp_path / "mlm_bert.pt").exists()
 
 
-def test_plot_draws_loss_logs_and_printouts(tmp_path):
+def test_plot_draws_the_results_files(tmp_path):
     pytest.importorskip("matplotlib")
-    (tmp_path / "mlm_loss.txt").write_text(
-        "lr:    6.0\nepoch   1 | train loss  7.10000\nepoch   2 | train loss  6.50000\n"
-        "epoch   1 | val loss  6.90000\nepoch   2 | val loss  6.40000\ntest loss  6.30000\n")
-    (tmp_path / "qa.log").write_text(
-        "| epoch   1 |    10/   20 batches | lr 0.00100 | ms/batch 5.00 | loss  5.00 | ppl  148.41\n"
-        "| epoch   1 |    20/   20 batches | lr 0.00100 | ms/batch 5.00 | loss  4.00 | ppl   54.60\n"
-        "| end of epoch   1 | time:  1.00s | valid loss  4.10 | exact    1.000% | f1    5.000%\n"
-        "| End of training | dev loss  4.10 | exact    1.000% | f1    5.000%\n")
+    import plot
+    (tmp_path / "mlm_loss.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        dict(record="train", epoch=1, step=5, steps=10, loss=7.1, ppl=1212.0, lr=1.0, ms_per_batch=1.0),
+        dict(record="train", epoch=1, step=10, steps=10, loss=6.9, ppl=992.0, lr=1.0, ms_per_batch=1.0),
+        dict(record="valid", epoch=1, seconds=1.0, loss=6.8, ppl=898.0),
+        dict(record="test", split="test", loss=6.7, ppl=812.0)]) + "\n")
+    qa = [dict(record="valid", epoch=e, seconds=1.0, loss=4.0 - e, exact=e, f1=5.0 * e) for e in (1, 2)]
+    qa.append(dict(record="test", split="dev", loss=2.0, exact=2.0, f1=10.0))
+    (tmp_path / "qa_loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
     out = tmp_path / "curves.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "plot.py"), "mlm_loss.txt", "qa.log",
+    proc = subprocess.run([sys.executable, str(ROOT / "plot.py"), "mlm_loss.jsonl", "qa_loss.jsonl",
                            "-o", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "2 panels" in proc.stdout
-    import plot
-    log = plot.read_loss_log(tmp_path / "qa.log")
-    assert log["steps"] == [(0.5, 5.0), (1.0, 4.0)] and log["val"] == {1: 4.1} and log["test"] == 4.1
-    (tmp_path / "notes.txt").write_text("nothing here\n")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "3 panels" in proc.stdout  # F1 too
+    run = plot.curves(monitor.read_results(tmp_path / "mlm_loss.jsonl"))
+    assert run["steps"] == [(0.5, 7.1), (1.0, 6.9)] and run["valid"][1]["loss"] == 6.8
+    assert run["test"]["ppl"] == 812.0
+    (tmp_path / "notes.txt").write_text("| epoch   1 |    10/   20 batches | loss  5.00\n")
     bad = subprocess.run([sys.executable, str(ROOT / "plot.py"), "notes.txt", "-o", str(out)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "not a loss log" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "not a results file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_results_file_holds_the_numbers_of_the_printout(tmp_path):
+    """The JSON lines and the printout come from the same records; a resumed run's
+    repeated records are read once."""
+    wt = write_wikitext(tmp_path / "wt", (300, 40, 40))
+    proc = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "2", "--log-interval", "5",
+                      cwd=tmp_path)
+    records = monitor.read_results(tmp_path / "mlm_loss.jsonl")
+    kinds = [r["record"] for r in records]
+    assert kinds.count("valid") == 2 and kinds[-1] == "test" and kinds.count("train") >= 2
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("| epoch ")]
+    assert printed == [monitor.train_line(r, ("5.2f", "8.2f")) for r in records if r["record"] == "train"]
+    valid = [r for r in records if r["record"] == "valid"]
+    assert f"| valid loss {valid[-1]['loss']:5.2f} | valid ppl {valid[-1]['ppl']:8.2f}" in proc.stdout
+    assert f"| End of training | test loss {records[-1]['loss']:5.2f} |" in proc.stdout
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in records if r["record"] == "train")
+    with open(tmp_path / "mlm_loss.jsonl", "a") as f:  # a resumed run writes a step again
+        f.write(json.dumps(dict(records[0], loss=1.0)) + "\n")
+    again = monitor.read_results(tmp_path / "mlm_loss.jsonl")
+    first = [r for r in again if (r["record"], r.get("step")) == ("train", records[0]["step"])
+             and r["epoch"] == 1]
+    assert len(again) == len(records) and [r["loss"] for r in first] == [1.0]
 
 
 def test_match_feature_marks_context_words_of_the_question():
@@ -125,12 +147,12 @@ def test_match_feature_marks_context_words_of_the_question():
         id="a", question="Where does Zorblax live?", answers=[("Paris", 0)])])]
     tok = data.Tokenizer()
     vocab = data.Vocab.build([tok("paris is big . lives in where does")])
-    _, f = data.squad_features(paras, tok, vocab, 32)
-    c = int(f["ctx_start"][0])
+    _, f = squad.squad_features(paras, tok, vocab, 32)
+    c = int(f.ctx_start[0])
     ctx = tok("Paris is big. Zorblax lives in Paris.")
-    marked = [t for t, m in zip(ctx, f["match"][0, c:c + len(ctx)].tolist()) if m]
+    marked = [t for t, m in zip(ctx, f.match[0, c:c + len(ctx)].tolist()) if m]
     assert marked == ["zorblax"]  # an <unk> word still matches by its text; '.' never does
-    assert f["match"][0, :c].sum() == 0
+    assert f.match[0, :c].sum() == 0
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +210,15 @@ def test_match_feature_checkpoint_needs_the_flag(trained_qa):
 
 def test_random_init_starts_from_fresh_weights(trained_qa):
     import torch
-    import utils
-    from model import QuestionAnswerTask
+    import dist
+    import qa_task
     vocab = data.Vocab.load(trained_qa / "torchtext_bert_vocab.pt")
-    args = utils.base_parser("x", lr=1, epochs=1, batch_size=1, log_interval=1, save="x",
-                             state="").parse_args([])
-    args.bert_model, args.dropout = str(trained_qa / "mlm_bert.pt"), None
-    pretrained, _ = utils.finetune_model(QuestionAnswerTask, args, vocab, torch.device("cpu"))
+    args = qa_task.build_parser().parse_args(["--bert-model", str(trained_qa / "mlm_bert.pt")])
+    pretrained = qa_task.encoder(args, vocab, dist.Context())
     args.random_init = True
-    fresh, _ = utils.finetune_model(QuestionAnswerTask, args, vocab, torch.device("cpu"))
-    assert pretrained.bert_model.config == fresh.bert_model.config
-    a, b = pretrained.bert_model.state_dict(), fresh.bert_model.state_dict()
+    fresh = qa_task.encoder(args, vocab, dist.Context())
+    assert pretrained.config == fresh.config
+    a, b = pretrained.state_dict(), fresh.state_dict()
     assert not torch.equal(a["bert_embed.embed.weight"], b["bert_embed.embed.weight"])
 
 
@@ -216,18 +236,23 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     table = (tmp_path / "out" / "results.md").read_text()
-    assert re.search(r"^\| 1\. masked LM \(WikiText-2\) \| valid ppl [\d.]+, test ppl [\d.]+ \|", table, re.M)
-    assert re.search(r"^\| 2\. next sentence .* test loss [\d.]+, accuracy [\d.]+% \|", table, re.M)
-    assert re.search(r"^\| 3\. span selection \(questions made from WikiText-2\) \| WikiText-2 valid, "
-                     r"\d+ questions: EM [\d.]+, F1 [\d.]+ \|", table, re.M)
-    for what in ("pretrained encoder", r"random init \(baseline\), fixed word vectors",
-                 r"random init \(baseline\), word vectors trained"):
-        assert re.search(rf"^\| [456]\. SQuAD v1\.1, {what} \| dev-split, all 9 questions: \*\*EM [\d.]+, "
-                         r"F1 [\d.]+\*\*; original-style", table, re.M)
-    assert re.search(r"pretraining's gain \| F1 [-+][\d.]+ points over 5; F1 [-+][\d.]+ points over 6 \|",
-                     table)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results) == ["mlm", "ns", "cloze", "qa", "qa_random", "qa_random_trainable"]
+    assert all(r["seconds"] > 0 and r["command"].startswith(("mlm_task.py", "ns_task.py", "qa_task.py"))
+               for r in results.values())
+    assert 1 < results["mlm"]["test ppl"] < 1e6 and 1 < results["mlm"]["valid ppl"] < 1e6
+    assert results["ns"]["test loss"] > 0 and 0 <= results["ns"]["test accuracy"] <= 100
+    assert results["cloze"]["questions"] > 5  # WikiText-2 valid questions
+    for name in ("qa", "qa_random", "qa_random_trainable"):
+        r = results[name]
+        assert r["questions"] == 9 and 0 <= r["EM"] <= r["F1"] <= 100 and 0 <= r["kept"] <= 9
+        assert f"all 9 questions: **EM {r['EM']:.2f}, F1 {r['F1']:.2f}**" in table
+    gains = [results["qa"]["F1"] - results[k]["F1"] for k in ("qa_random", "qa_random_trainable")]
+    assert f"F1 {gains[0]:+.2f} points over 5; F1 {gains[1]:+.2f} points over 6" in table
+    records = monitor.read_results(tmp_path / "out" / "qa_loss.jsonl")
+    assert [r["record"] for r in records][-2:] == ["valid", "test"]
+    assert records[-1]["f1"] == results["qa"]["F1"]
     assert "Machine:" in table and "--match-feature" in table and "--random-init" in table
-    assert re.search(r"^\| pipeline \(1-4\) \| \| \*\*[\d.]+ min\*\* \|", table, re.M)
     assert table.count("--freeze-embeddings") == 3  # the QA stages 3-5; stage 6 trains them
     assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 1
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,

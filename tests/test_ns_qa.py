@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import data
-import utils
+import checkpoint
+import cloze
+import squad
 from conftest import SQUAD_PARAGRAPHS, TINY, run_script, write_squad, write_wikitext
 
 
@@ -60,18 +62,18 @@ def test_min_sentence_len_filter_and_cut():
 # ----------------------------------------------------------------- SQuAD
 
 def test_squad_reader_maps_answers_to_tokens_exactly(tmp_path):
-    paras = data.read_squad(write_squad(tmp_path / "s.json"))
+    paras = squad.read_squad(write_squad(tmp_path / "s.json"))
     vocab = data.Vocab.build(data.basic_english(p[0]) for p in SQUAD_PARAGRAPHS)
-    examples, f = data.squad_features(paras, data.Tokenizer(), vocab, 64)
-    assert len(examples) == 9 == len(f["start"])
+    examples, f = squad.squad_features(paras, data.Tokenizer(), vocab, 64)
+    assert len(examples) == 9 == len(f.start)
     for i, ex in enumerate(examples):
         (s, e), = ex["gold"]
         assert ex["context"][ex["spans"][s][0]:ex["spans"][e][1]] == ex["answers"][0]
-        c = int(f["ctx_start"][i])
-        assert int(f["start"][i]) == s + c and int(f["end"][i]) == e + c
-        ids = f["input_ids"][i]
-        assert ids[0] == data.CLS and ids[c - 1] == data.SEP and f["token_types"][i, c - 1] == 0
-        assert f["token_types"][i, c] == 1
+        c = int(f.ctx_start[i])
+        assert int(f.start[i]) == s + c and int(f.end[i]) == e + c
+        ids = f.input_ids[i]
+        assert ids[0] == data.CLS and ids[c - 1] == data.SEP and f.token_types[i, c - 1] == 0
+        assert f.token_types[i, c] == 1
         assert ids[s + c:e + c + 1].tolist() == vocab.lookup_indices(data.basic_english(ex["answers"][0]))
 
 
@@ -79,10 +81,10 @@ def test_answer_token_span_inside_words_and_unicode():
     text = "Ünïcode “quotes” and İstanbul, 20–18 score."
     tokens, spans = data.Tokenizer().tokenize_with_spans(text)
     start = text.index("İstanbul")
-    s, e = data.answer_token_span(spans, start, start + len("İstanbul"))
+    s, e = squad.answer_token_span(spans, start, start + len("İstanbul"))
     assert text[spans[s][0]:spans[e][1]] == "İstanbul"
     start = text.index("18")  # inside the token '20–18': the covering token is taken
-    s, e = data.answer_token_span(spans, start, start + 2)
+    s, e = squad.answer_token_span(spans, start, start + 2)
     assert text[spans[s][0]:spans[e][1]] == "20–18"
 
 
@@ -98,7 +100,7 @@ def test_answer_token_span_inside_words_and_unicode():
 def test_malformed_squad_is_refused(tmp_path, content, match):
     (tmp_path / "bad.json").write_text(content)
     with pytest.raises(data.DataError, match=match):
-        data.read_squad(tmp_path / "bad.json")
+        squad.read_squad(tmp_path / "bad.json")
 
 
 def test_doc_stride_windows_reach_late_answers(tmp_path):
@@ -106,24 +108,24 @@ def test_doc_stride_windows_reach_late_answers(tmp_path):
         f"w{i}" for i in range(60, 100)) + " ."  # the answer is tokens 60-61 of 103
     path = tmp_path / "long.json"
     write_squad(path, [(context, [("where is it?", "answer here")])])
-    paras = data.read_squad(path)
+    paras = squad.read_squad(path)
     vocab = data.Vocab.build([data.basic_english(context)])
     tok = data.Tokenizer()
-    _, one = data.squad_features(paras, tok, vocab, 32)
-    assert len(one["start"]) == 1 and one["start"][0] == -1  # cut off: unreachable
-    _, train = data.squad_features(paras, tok, vocab, 32, training=True)
-    assert len(train["start"]) == 0  # left out of training, as the original did
-    ex, f = data.squad_features(paras, tok, vocab, 32, doc_stride=10)
+    _, one = squad.squad_features(paras, tok, vocab, 32)
+    assert len(one.start) == 1 and one.start[0] == -1  # cut off: unreachable
+    _, train = squad.squad_features(paras, tok, vocab, 32, training=True)
+    assert len(train.start) == 0  # left out of training, as the original did
+    ex, f = squad.squad_features(paras, tok, vocab, 32, doc_stride=10)
     budget = 32 - 4 - 3  # bptt - question tokens - <cls> <sep> <sep>
-    assert f["window"].tolist() == list(range(0, 103 - budget + 10, 10))[:len(f["window"])]
-    assert int(f["window"][-1]) + int(f["window_len"][-1]) == 103  # the end is covered
-    inside = (f["start"] >= 0).nonzero().flatten()
-    assert f["window"][inside].tolist() == [40, 50, 60]  # overlapping windows all hold it
+    assert f.window.tolist() == list(range(0, 103 - budget + 10, 10))[:len(f.window)]
+    assert int(f.window[-1]) + int(f.window_len[-1]) == 103  # the end is covered
+    inside = (f.start >= 0).nonzero().flatten()
+    assert f.window[inside].tolist() == [40, 50, 60]  # overlapping windows all hold it
     for i in inside.tolist():
-        pos = int(f["start"][i]) - int(f["ctx_start"][i]) + int(f["window"][i])
+        pos = int(f.start[i]) - int(f.ctx_start[i]) + int(f.window[i])
         assert ex[0]["context"][ex[0]["spans"][pos][0]:].startswith("answer here")
-    _, tr = data.squad_features(paras, tok, vocab, 32, doc_stride=10, training=True)
-    assert len(tr["start"]) == len(f["start"]) and (tr["start"] == 0).sum() == len(f["start"]) - len(inside)
+    _, tr = squad.squad_features(paras, tok, vocab, 32, doc_stride=10, training=True)
+    assert len(tr.start) == len(f.start) and (tr.start == 0).sum() == len(f.start) - len(inside)
 
 
 def test_span_decoding():
@@ -138,7 +140,7 @@ def test_span_decoding():
     s[2, 5], e[2, 5] = 1.0, 1.0
     ctx_start = torch.tensor([3, 2, 3])
     wlen = torch.tensor([6, 6, 6])
-    score, start, end = data.best_spans(s, e, ctx_start, wlen, 4)
+    score, start, end = squad.best_spans(s, e, ctx_start, wlen, 4)
     assert torch.all(start <= end) and torch.all(end - start < 4)
     assert (start.tolist(), end.tolist()) == ([6, 2, 5], [7, 4, 5])
     assert score[0] == 10.0
@@ -158,7 +160,7 @@ def test_pipeline_mlm_ns_qa(tmp_path):
                      ns.stdout, re.M)
     assert (tmp_path / "ns_loss.txt").read_text().splitlines()[-1].startswith("test loss")
     vocab = data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
-    assert utils.load_encoder(tmp_path / "ns_bert.pt", vocab).config["ninp"] == 32
+    assert checkpoint.load_encoder(tmp_path / "ns_bert.pt", vocab).config["ninp"] == 32
     write_squad(tmp_path / "train.json", copies=5)
     write_squad(tmp_path / "dev.json", prefix="d")
     qa = run_script("qa_task.py", "--bert-model", "ns_bert.pt", "--train-file", "train.json",
@@ -170,7 +172,7 @@ def test_pipeline_mlm_ns_qa(tmp_path):
     preds = json.loads((tmp_path / "predictions.json").read_text())
     assert sorted(preds) == sorted(f"d{i}" for i in range(9))
     assert all(isinstance(v, str) for v in preds.values())
-    ckpt = utils.load_checkpoint(tmp_path / "qa_model.pt", "qa_task")
+    ckpt = checkpoint.load(tmp_path / "qa_model.pt", "qa_task")
     assert "qa_span.weight" in ckpt["model"]
     # a step fed the wrong file: one clear line, exit 2, nothing overwritten
     before = (tmp_path / "ns_bert.pt").read_bytes()
@@ -224,8 +226,8 @@ def test_freeze_embeddings_keeps_the_word_vectors(tmp_path):
     for epochs in ("2", "1"):  # the same seed, so the same initial vectors; they must not move
         run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", epochs, "--norm-first",
                    "--freeze-embeddings", "--save", f"mlm{epochs}.pt", cwd=tmp_path)
-    two = utils.load_checkpoint(tmp_path / "mlm2.pt", "encoder")["model"]
-    enc = utils.load_checkpoint(tmp_path / "mlm1.pt", "encoder")["model"]
+    two = checkpoint.load(tmp_path / "mlm2.pt", "encoder")["model"]
+    enc = checkpoint.load(tmp_path / "mlm1.pt", "encoder")["model"]
     assert torch.equal(two[key], enc[key])
     assert not torch.equal(two["layers.0.linear1.weight"], enc["layers.0.linear1.weight"])
     (tmp_path / "mlm1.pt").rename(tmp_path / "mlm_bert.pt")
@@ -236,12 +238,12 @@ def test_freeze_embeddings_keeps_the_word_vectors(tmp_path):
               "--lr", "1e-2", "--match-feature"]
     proc = run_script("qa_task.py", *common, "--freeze-embeddings", cwd=tmp_path)
     assert "--freeze-embeddings: the word embeddings stay as loaded" in proc.stdout
-    qa = utils.load_checkpoint(tmp_path / "qa_model.pt", "qa_task")["model"]
+    qa = checkpoint.load(tmp_path / "qa_model.pt", "qa_task")["model"]
     assert torch.equal(qa["bert_model." + key], enc[key])
     assert not torch.equal(qa["bert_model.layers.0.linear1.weight"], enc["layers.0.linear1.weight"])
     assert qa["bert_model.final_norm.weight"].shape == enc["final_norm.weight"].shape  # pre-LN kept
     run_script("qa_task.py", *common, "--save", "moved.pt", cwd=tmp_path)
-    moved = utils.load_checkpoint(tmp_path / "moved.pt", "qa_task")["model"]
+    moved = checkpoint.load(tmp_path / "moved.pt", "qa_task")["model"]
     assert not torch.equal(moved["bert_model." + key], enc[key])
 
 
@@ -258,8 +260,8 @@ CLOZE_LINES = [
 
 
 def test_cloze_questions_hold_their_answers():
-    paras = data.cloze_questions(CLOZE_LINES, seed=3, max_words=30)
-    assert data.cloze_questions(CLOZE_LINES, seed=3, max_words=30) == paras  # reproducible
+    paras = cloze.cloze_questions(CLOZE_LINES, seed=3, max_words=30)
+    assert cloze.cloze_questions(CLOZE_LINES, seed=3, max_words=30) == paras  # reproducible
     assert len(paras) == 2  # the heading is skipped; two contexts of whole sentences, <= 30 words
     assert all(len(p["context"].split()) <= 30 for p in paras)
     assert "role-playing" in paras[1]["context"] and "1,200" in paras[1]["context"]
@@ -277,7 +279,7 @@ def test_cloze_questions_hold_their_answers():
     for text, wh in kinds.items():
         if text in ("2010", "1,200"):
             assert wh == {"2010": "when", "1,200": "how"}[text]
-    others = data.cloze_questions(CLOZE_LINES, seed=4, max_words=30)
+    others = cloze.cloze_questions(CLOZE_LINES, seed=4, max_words=30)
     assert [p["context"] for p in others] == [p["context"] for p in paras]
 
 
@@ -299,7 +301,7 @@ def test_cloze_pretraining_then_squad(tmp_path):
     qa = run_script("qa_task.py", *common, "--train-file", "train.json", "--dev-file", "dev.json",
                     "--checkpoint", "cloze.pt", cwd=tmp_path)
     assert "| starting from the weights in cloze.pt" in qa.stdout
-    before = utils.load_checkpoint(tmp_path / "cloze.pt", "qa_task")["model"]
-    after = utils.load_checkpoint(tmp_path / "qa_model.pt", "qa_task")["model"]
+    before = checkpoint.load(tmp_path / "cloze.pt", "qa_task")["model"]
+    after = checkpoint.load(tmp_path / "qa_model.pt", "qa_task")["model"]
     assert set(before) == set(after) and not torch.equal(before["qa_span.weight"],
                                                           after["qa_span.weight"])

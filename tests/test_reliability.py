@@ -1,6 +1,7 @@
 """No lost work, no code from data, clear errors: resume after SIGKILL, stop on signals,
 non-finite losses, atomic writes, and a table of bad inputs."""
 import argparse
+import errno
 import os
 import signal
 import subprocess
@@ -10,6 +11,10 @@ import pytest
 import torch
 
 import data
+import checkpoint
+import dist
+import monitor
+import train
 import utils
 from conftest import ROOT, TINY, run_script, script_env, write_squad, write_wikitext
 from model import MLMTask
@@ -95,9 +100,9 @@ def _trainer(tmp_path, loss_values, **flags):
     def loss_fn(model, batch):
         return model(batch).mean() * 0 + next(values)
 
-    trainer = utils.Trainer(args, model, model, loss_fn, lambda e: [torch.ones(2, 3, dtype=torch.long)] * 4,
-                            4, lambda m: (1.0, "ok", 1.0), lambda: None, "mlm_task", "fp")
-    return trainer
+    task = train.Task("mlm_task", loss_fn, lambda e: [torch.ones(2, 3, dtype=torch.long)] * 4, 4,
+                      lambda m: dict(loss=1.0), lambda split, r: "ok", lambda: None, "fp")
+    return train.Trainer(args, dist.Context(), model, model, task, monitor.Recorder(None))
 
 
 def test_resume_prefers_the_state_file_to_checkpoint(tmp_path, capsys):
@@ -107,7 +112,7 @@ def test_resume_prefers_the_state_file_to_checkpoint(tmp_path, capsys):
     first = _trainer(tmp_path, [1.0] * 4, state_file=str(state))
     first.epoch, first.step = 1, 2
     first.save_state()
-    utils.save_task(start, first.raw, "mlm_task", "fp")
+    checkpoint.save_task(start, first.raw, "mlm_task", "fp")
     _trainer(tmp_path, [1.0] * 4, checkpoint=str(start), resume=True, state_file=str(state))
     assert f"resuming from {state}: epoch 1, 2 batches done" in capsys.readouterr().out
     _trainer(tmp_path, [1.0] * 4, checkpoint=str(start), resume=False, state_file=str(state))
@@ -129,14 +134,25 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     target = tmp_path / "mlm_bert.pt"
     target.write_bytes(b"good")
 
-    def broken_save(obj, path):
-        open(path, "wb").write(b"half")
-        raise OSError("disk full")
+    def broken_save(obj, f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        utils.atomic_save({"x": 1}, target)
+    with pytest.raises(utils.UserError) as e:
+        checkpoint.atomic_save({"x": 1}, target)
+    assert str(e.value) == (f"cannot write {target}: No space left on device; the previous file "
+                            "is unchanged")
     assert target.read_bytes() == b"good" and os.listdir(tmp_path) == ["mlm_bert.pt"]
+
+
+def test_a_folder_gone_before_saving_is_one_clear_error(tmp_path):
+    gone = tmp_path / "gone"
+    with pytest.raises(utils.UserError, match=f"cannot write {gone / 'log.txt'}: No such file or "
+                                              "directory; nothing was written"):
+        checkpoint.atomic_write_text(gone / "log.txt", "text")
+    checkpoint.atomic_write_text(tmp_path / "log.txt", "text", main=False)  # not rank 0: no file
+    assert os.listdir(tmp_path) == []
 
 
 class Payload:
@@ -148,7 +164,7 @@ def test_a_checkpoint_with_code_is_refused_unrun(tmp_path):
     torch.save({"format": "bert-example", "kind": "encoder", "x": Payload()}, tmp_path / "evil.pt")
     os.chdir(tmp_path)
     with pytest.raises(utils.UserError, match="not a checkpoint this project can read"):
-        utils.load_checkpoint(tmp_path / "evil.pt", "encoder")
+        checkpoint.load(tmp_path / "evil.pt", "encoder")
     assert not (tmp_path / "pwned.txt").exists()
 
 

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-import utils
+import train
 from conftest import TINY, run_script, write_squad, write_wikitext
 from model import MLMTask
 
@@ -14,19 +14,25 @@ def test_adamw_warmup_then_linear_decay():
     model = MLMTask(20, 8, 2, 16, 1, 0.0)
     args = argparse.Namespace(optimizer="adamw", lr=1.0, warmup=4, weight_decay=0.01, epochs=2,
                               grad_accum=2)
-    opt, plateau, schedule = utils.make_optimizer(args, model, steps_per_epoch=11)
-    assert plateau is None
+    opt = train.Optimizer(args, model, steps_per_epoch=11)
+    assert opt.plateau is None
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     lrs = []
     for _ in range(12):  # 2 epochs x ceil(11 / 2) = 12 optimizer steps
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        schedule.step()
+        lrs.append(opt.lr)
+        opt.step(scaler)
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert lrs[4] > lrs[5] > lrs[-1] > 0 and opt.param_groups[0]["lr"] == 0.0
-    no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0.0][0]["params"]
+    assert lrs[4] > lrs[5] > lrs[-1] > 0 and opt.lr == 0.0
+    no_decay = [g for g in opt.opt.param_groups if g["weight_decay"] == 0.0][0]["params"]
     assert all(p.dim() == 1 for p in no_decay) and len(no_decay) > 0
-    sgd, plateau, schedule = utils.make_optimizer(argparse.Namespace(optimizer="sgd", lr=6.0), model, 5)
-    assert isinstance(sgd, torch.optim.SGD) and schedule is None and plateau.gamma == 0.1
+    opt.end_of_epoch(improved=True)
+    assert opt.lr == 0.0  # AdamW's schedule ignores validation
+    sgd = train.Optimizer(argparse.Namespace(optimizer="sgd", lr=6.0), model, 5)
+    assert isinstance(sgd.opt, torch.optim.SGD) and sgd.schedule is None
+    sgd.end_of_epoch(improved=True)
+    assert sgd.lr == 6.0
+    sgd.end_of_epoch(improved=False)
+    assert sgd.lr == pytest.approx(0.6)  # the original's decay after an epoch without gain
 
 
 def test_grad_accum_matches_the_larger_batch(tmp_path):

@@ -1,0 +1,145 @@
+"""Span-selection questions made without labels from running text: pretraining for
+SQuAD (qa_task.py --cloze-dir DIR).
+
+    train, valid = cloze_files("DIR", tokenizer, bptt=128)   # WikiText's train and valid
+
+From each sentence one span is taken away (a name, date or amount, sometimes a word);
+the question is a wh-word for its kind plus the rest of the sentence with some words
+dropped, and the answer is the span in its context, in read_squad's form.
+"""
+import random
+import re
+from pathlib import Path
+
+import data
+from data import DataError
+
+_CLOZE_SKIP = frozenset(
+    "the a an of in on at to and or for by with from as is was were be been are it its this that "
+    "which who he she they his her their also but not had has have after before during into than "
+    "then there these those when while where would could can may does did will should being such "
+    "some other more most only both each over through about between within without however "
+    "although because against under until upon very many much what them whom whose onto made "
+    "make first later several".split())
+_MONTHS = frozenset("January February March April May June July August September October "
+                    "November December".split())
+_NUMBER = re.compile(r"[0-9][0-9,.]*")
+
+
+def _cloze_answer(words, rng):
+    """(i, j): the answer span words[i:j] of a sentence, or None. A run of up to four
+    capitalised words or numbers not at the sentence start (the names, dates and
+    amounts SQuAD asks about); in three sentences of ten, and where there is no such
+    run, single words of more than three letters are candidates too."""
+    def named(w):
+        return bool(_NUMBER.fullmatch(w)) or (len(w) > 1 and w[:1].isupper() and w.isalpha()
+                                              and w.lower() not in _CLOZE_SKIP)
+    runs, i = [], 1
+    while i < len(words):
+        if named(words[i]):
+            j = i + 1
+            while j < len(words) and j - i < 4 and named(words[j]):
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    if not runs or rng.random() < 0.3:
+        runs += [(k, k + 1) for k, w in enumerate(words)
+                 if w.isalpha() and len(w) > 3 and w.lower() not in _CLOZE_SKIP]
+    return rng.choice(runs) if runs else None
+
+
+def _cloze_wh(answer):
+    first = answer[0]
+    if re.fullmatch(r"1[0-9]{3}|20[0-9]{2}", first) or first in _MONTHS:
+        return "when"
+    if _NUMBER.fullmatch(first):
+        return "how many"
+    return "who" if first[:1].isupper() else "what"
+
+
+def cloze_questions(lines, seed=0, max_words=90, drop=0.25):
+    """Questions without labels from running text, in read_squad's form: span-selection
+    pretraining for SQuAD. lines: WikiText lines (a line is a paragraph; headings,
+    ' = Title = ', are skipped; ' @-@ ', ' @,@ ', ' @.@ ' are joined back). Each
+    paragraph is cut into contexts of whole sentences, up to max_words words. From every
+    sentence of 8 to 40 words one answer span is taken (_cloze_answer); its question is a
+    wh-word for the span's kind (when, how many, who, what) followed by the sentence
+    without the span, each remaining word dropped with probability drop and `<unk>`
+    words left out, so that the model must find the sentence by its words and pick what
+    the question lacks, as in SQuAD. The same lines and seed give the same questions."""
+    rng = random.Random(seed)
+    paragraphs, count = [], 0
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
+            line = line.replace(a, b)
+        sentences, current = [], []
+        for word in line.split():
+            current.append(word)
+            if word in (".", "!", "?"):
+                sentences.append(current)
+                current = []
+        if current:
+            sentences.append(current)
+        contexts, current, words = [], [], 0
+        for sentence in sentences:
+            if current and words + len(sentence) > max_words:
+                contexts.append(current)
+                current, words = [], 0
+            current.append(sentence)
+            words += len(sentence)
+        if current:
+            contexts.append(current)
+        for context in contexts:
+            text = " ".join(w for sentence in context for w in sentence)
+            qas, offset = [], 0
+            for sentence in context:
+                span = _cloze_answer(sentence, rng) if 8 <= len(sentence) <= 40 else None
+                if span is not None:
+                    i, j = span
+                    answer = " ".join(sentence[i:j])
+                    body = sentence[:-1] if sentence[-1] in (".", "!", "?") else sentence
+                    kept = [w for k, w in enumerate(body) if not i <= k < j and w != "<unk>"
+                            and rng.random() >= drop]
+                    start = offset + sum(len(w) + 1 for w in sentence[:i])
+                    count += 1
+                    qas.append(dict(id=f"cloze-{count}",
+                                    question=" ".join([_cloze_wh(sentence[i:j])] + kept) + " ?",
+                                    answers=[(answer, start)]))
+                offset += sum(len(w) + 1 for w in sentence)
+            if qas:
+                paragraphs.append(dict(context=text, qas=qas))
+    return paragraphs
+
+
+def cloze_files(folder, tokenizer, bptt, print0=print):
+    """(train paragraphs, evaluation paragraphs): cloze questions from WikiText's train and
+    valid splits in folder, leaving out those that take more than half of the --bptt
+    window."""
+    files = {}
+    for where in (Path(folder), Path(folder) / "wikitext-2", Path(folder) / "wikitext-103"):
+        files = {s: data.find_file(where, f"wiki.{s}.tokens") for s in ("train", "valid")}
+        if all(files.values()):
+            break
+    if not all(files.values()):
+        raise DataError(f"--cloze-dir {folder} holds no wiki.train.tokens and "
+                        "wiki.valid.tokens (plain or .gz); pass the folder of WikiText's files")
+
+    def fitting(paragraphs):
+        for para in paragraphs:
+            para["qas"] = [qa for qa in para["qas"] if len(tokenizer(qa["question"])) <= bptt // 2]
+        return [para for para in paragraphs if para["qas"]]
+    train, valid = (fitting(cloze_questions(data.read_lines([files[s]])))
+                    for s in ("train", "valid"))
+    for split, paragraphs in (("train", train), ("valid", valid)):
+        if not paragraphs:
+            raise DataError(f"{files[split]} gives no cloze questions: it needs "
+                            "sentences of 8 to 40 words (and a --bptt that fits them)")
+    print0(f"| --cloze-dir: {sum(len(p['qas']) for p in train)} questions made from "
+           f"{files['train'].name}, {sum(len(p['qas']) for p in valid)} from "
+           f"{files['valid'].name}")
+    return train, valid

@@ -1,0 +1,367 @@
+"""SQuAD v1.1: reading the files, cutting questions and contexts into model windows,
+decoding answer spans, and scoring them with the official measure (metrics.py).
+
+    examples, windows = squad_features(read_squad("dev-v1.1.json"), tokenizer, vocab, 128, 64)
+    scores = Evaluator("dev-v1.1.json", args, tokenizer, vocab, ctx)(model)   # loss, exact, f1
+
+Answers are cut from the context by character offsets, so scores do not depend on how
+the tokenizer splits words.
+"""
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import metrics
+import monitor
+import train
+from data import CLS, PAD, SEP, DataError, download, find_file, open_text
+from utils import UserError
+
+SQUAD = {"train-v1.1.json": "981b29407e0affa3b1b156f72073b945",
+         "dev-v1.1.json": "3e85deb501d4e538b6bc56f786231552"}
+SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
+
+
+def squad_file(data_dir, name, allow_download=True):
+    """data_dir/name (or name.gz); the official files are downloaded when absent."""
+    data_dir = Path(data_dir)
+    found = find_file(data_dir, name)
+    if found:
+        return found
+    if name in SQUAD and allow_download:
+        try:
+            return download(SQUAD_URL + name, data_dir / name, SQUAD[name])
+        except DataError as e:
+            raise DataError(f"SQuAD file {name} not found in {data_dir} and {e}; put it there "
+                            "or pass --data-dir / --train-file / --dev-file") from None
+    raise DataError(f"SQuAD file {name} not found in {data_dir}; put it there or pass "
+                    "--data-dir / --train-file / --dev-file")
+
+
+def read_squad(path):
+    """Paragraphs of a SQuAD v1.1 file: [{'context', 'qas': [{'id', 'question',
+    'answers': [(text, char_start), ...]}]}], checked against the format."""
+    try:
+        with open_text(path) as f:
+            articles = json.load(f)["data"]
+        paragraphs = []
+        for article in articles:
+            for para in article["paragraphs"]:
+                ctx = para["context"]
+                qas = []
+                for qa in para["qas"]:
+                    answers = [(a["text"], int(a["answer_start"])) for a in qa["answers"]]
+                    if not answers:
+                        raise DataError(f"{path}: question {qa['id']} has no answer; this is a "
+                                        "SQuAD v1.1 reader (v2.0 files are not supported)")
+                    for text, start in answers:
+                        if ctx[start:start + len(text)] != text:
+                            raise DataError(f"{path}: question {qa['id']}: answer {text!r} is not "
+                                            f"at answer_start {start} of its context")
+                    qas.append(dict(id=qa["id"], question=qa["question"], answers=answers))
+                paragraphs.append(dict(context=ctx, qas=qas))
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read SQuAD file {path}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path} is not in the SQuAD v1.1 format (problem at {e!r})") from None
+    if not paragraphs:
+        raise DataError(f"{path} holds no SQuAD paragraphs")
+    return paragraphs
+
+
+
+def answer_token_span(spans, char_start, char_end):
+    """First and last token overlapping text[char_start:char_end]; (-1, -1) if none."""
+    first = next((i for i, (s, e) in enumerate(spans) if e > char_start), None)
+    last = next((i for i in range(len(spans) - 1, -1, -1) if spans[i][0] < char_end), None)
+    if first is None or last is None or first > last:
+        return -1, -1
+    return first, last
+
+
+@dataclass
+class Windows:
+    """SQuAD model inputs, one row per window of a question's context:
+
+        input_ids, token_types (F, S)  <cls> question <sep> window <sep> <pad>...; types 0
+                                       up to the first <sep>, 1 after
+        match (F, S)                   1 at a context token whose word (its text, so
+                                       `<unk>` words too) is a word of the question
+        start, end (F,)                answer positions in the input (-1: not inside)
+        example (F,)                   the question's index in the examples
+        ctx_start (F,)                 input position of the window's first context token
+        window, window_len (F,)        the window's first context token, and its length
+
+    Indexing with rows gives the Windows of those rows (data.Batches serves it).
+    """
+    input_ids: torch.Tensor
+    token_types: torch.Tensor
+    match: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    example: torch.Tensor
+    ctx_start: torch.Tensor
+    window: torch.Tensor
+    window_len: torch.Tensor
+
+    def __len__(self):
+        return len(self.start)
+
+    def __getitem__(self, rows):
+        return Windows(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @property
+    def device(self):
+        return self.input_ids.device
+
+    def to(self, device):
+        return Windows(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training=False,
+                   show=True):
+    """Model inputs for SQuAD: <cls> question <sep> context window <sep>, padded to bptt.
+
+    Without doc_stride each question gets one window, the start of its context (the
+    original). With doc_stride, windows start every doc_stride context tokens until
+    the end of the context is covered. In training, a window that does not hold the
+    (first) answer is left out without doc_stride (as the original did) and points at
+    <cls> with it (as BERT's run_squad does).
+
+    Returns (examples, windows): examples[k] = dict(id, context, answers, spans, gold);
+    windows: a Windows, one row per window. show: print progress.
+    """
+    examples, rows = [], []
+    shown = monitor.Progress("preparing SQuAD windows", sum(len(p["qas"]) for p in paragraphs),
+                             "questions", enabled=show)
+    for para in paragraphs:
+        ctx_tokens, spans = tokenizer.tokenize_with_spans(para["context"])
+        ctx_ids = vocab.lookup_indices(ctx_tokens)
+        for qa in para["qas"]:
+            q_tokens = tokenizer(qa["question"])
+            q_ids = vocab.lookup_indices(q_tokens)
+            q_words = {t for t in q_tokens if any(c.isalnum() for c in t)}
+            ctx_match = [int(t in q_words) for t in ctx_tokens]
+            budget = bptt - len(q_ids) - 3
+            if budget < 1:
+                raise DataError(f"question {qa['id']} has {len(q_ids)} tokens, which leaves no "
+                                f"room for its context in --bptt {bptt}; raise --bptt")
+            gold = [answer_token_span(spans, s, s + len(t)) for t, s in qa["answers"]]
+            k = len(examples)
+            examples.append(dict(id=qa["id"], context=para["context"], spans=spans,
+                                 answers=[t for t, _ in qa["answers"]], gold=gold))
+            step = min(doc_stride, budget) if doc_stride else None
+            w = 0
+            while True:
+                window = ctx_ids[w:w + budget]
+                ctx_start = len(q_ids) + 2
+                s, e = gold[0] if gold else (-1, -1)
+                inside = s >= w and 0 <= e < w + len(window)
+                target = (s - w + ctx_start, e - w + ctx_start) if inside else (-1, -1)
+                if training and not inside and doc_stride:
+                    target = (0, 0)  # BERT: a window without the answer points at <cls>
+                if not (training and target[0] < 0):
+                    rows.append((k, [CLS] + q_ids + [SEP] + window + [SEP], ctx_start, w,
+                                 len(window), target, ctx_match[w:w + budget]))
+                if step is None or w + budget >= len(ctx_ids):
+                    break
+                w += step
+            shown.update()
+    shown.close()
+    n = len(rows)
+    input_ids = torch.full((n, bptt), PAD, dtype=torch.long)
+    types = torch.ones((n, bptt), dtype=torch.long)
+    match = torch.zeros((n, bptt), dtype=torch.long)
+    meta = torch.zeros((n, 6), dtype=torch.long)
+    for i, (k, seq, ctx_start, w, wlen, (s, e), window_match) in enumerate(rows):
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        types[i, :ctx_start] = 0
+        match[i, ctx_start:ctx_start + wlen] = torch.tensor(window_match, dtype=torch.long)
+        meta[i] = torch.tensor([s, e, k, ctx_start, w, wlen])
+    names = ("start", "end", "example", "ctx_start", "window", "window_len")
+    return examples, Windows(input_ids=input_ids, token_types=types, match=match,
+                             **{name: meta[:, j] for j, name in enumerate(names)})
+
+
+def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
+               with_total=False):
+    """Best span per row with start <= end < start + max_answer_len inside the context.
+
+    start_logits, end_logits (F, S); ctx_start, window_len (F,) -> (score, start, end),
+    each (F,), positions in the input; with_total, also the logsumexp of the scores of
+    all those spans (score - total is the best span's log-probability among them).
+    """
+    F_, S = start_logits.shape
+    pos = torch.arange(S, device=start_logits.device)
+    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + window_len)[:, None])  # (F, S)
+    scores = start_logits[:, :, None] + end_logits[:, None, :]  # (F, S start, S end)
+    gap = pos[None, :] - pos[:, None]  # end - start
+    allowed = (gap >= 0) & (gap < max_answer_len)  # (S, S)
+    allowed = allowed[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    best, flat = scores.view(F_, -1).max(dim=1)
+    if with_total:
+        return best, flat // S, flat % S, torch.logsumexp(scores.view(F_, -1), dim=1)
+    return best, flat // S, flat % S
+
+
+# --------------------------------------------------------------------------- scoring
+
+def qa_logits(model, inputs, types, match):
+    """(N, S) -> start, end logits (N, S) with padding never chosen."""
+    pad = inputs == PAD
+    start, end = model(inputs, types, key_padding_mask=pad, match=match)
+    return start.float().masked_fill(pad, -1e4), end.float().masked_fill(pad, -1e4)
+
+
+class Evaluator:
+    """Scores a SQuAD file: loss where the answer is inside a window, and EM/F1 over all
+    questions from the best span across each question's windows. source: a file, or
+    paragraphs as read_squad returns them. With several processes each scores its share
+    of the windows and the spans are gathered, so all take the same decisions."""
+
+    def __init__(self, source, args, tokenizer, vocab, ctx):
+        paragraphs = source if isinstance(source, list) else read_squad(source)
+        self.examples, self.windows = squad_features(
+            paragraphs, tokenizer, vocab, args.bptt, args.doc_stride or None, show=ctx.main)
+        self.args, self.vocab, self.ctx = args, vocab, ctx
+        self.batches = data.Batches(self.windows.to(ctx.device), batch_size=args.batch_size,
+                                    rank=ctx.rank, world=ctx.world)
+
+    def __call__(self, model):
+        """{loss, exact, f1, orig_exact, orig_f1, orig_n, questions, predictions}."""
+        spans, sums = self.decode(model)
+        predictions = self.answers(spans)
+        official = metrics.score_answers(((ex["id"], ex["answers"]) for ex in self.examples),
+                                         predictions)
+        return dict(loss=sums["loss"] / max(sums["count"], 1), exact=official["exact_match"],
+                    f1=official["f1"], **self.original_style(spans),
+                    questions=len(self.examples), predictions=predictions)
+
+    def decode(self, model):
+        """(spans, sums): spans (F, 6) per window: best span's score, start, end, the two
+        independent argmaxes, and the best span's probability among its window's spans;
+        sums of the loss over the windows that hold the answer, and their count."""
+        decoded = []
+
+        def step(model, w):
+            s_logits, e_logits = qa_logits(model, w.input_ids, w.token_types, w.match)
+            best, s, e, total = best_spans(s_logits, e_logits, w.ctx_start, w.window_len,
+                                           self.args.max_answer_len, with_total=True)
+            decoded.append(torch.stack([best, s, e, s_logits.argmax(1), e_logits.argmax(1),
+                                        torch.exp(best - total)], 1).cpu())
+            has = w.start >= 0
+            loss = (F.cross_entropy(s_logits[has], w.start[has], reduction="sum")
+                    + F.cross_entropy(e_logits[has], w.end[has], reduction="sum")) / 2
+            return dict(loss=loss, count=has.sum())
+
+        sums = train.evaluate(model, self.batches, step, self.args, self.ctx)
+        mine = torch.cat(decoded) if decoded else torch.zeros(0, 6)
+        if self.ctx.world == 1:
+            return mine, sums
+        # each rank's rows in the order it decoded them (all of them, but with --dry-run)
+        counts = [int(n) for n in self.ctx.all_sum(
+            [float(len(mine)) if r == self.ctx.rank else 0.0 for r in range(self.ctx.world)])]
+        spans = torch.zeros(len(self.windows), 6)
+        for r, part in enumerate(self.ctx.gather(mine, counts)):
+            spans[self.batches.rows_of(r)[:len(part)]] = part
+        return spans, sums
+
+    def answers(self, spans, scores=False):
+        """{id: text}: each question's best-scoring span over its windows, cut from the
+        context through character offsets. A question with no span gets ''. With scores:
+        {id: (text, score, probability)}."""
+        w = self.windows
+        best = {}
+        for i, (score, s, e, _, _, prob) in enumerate(spans.tolist()):
+            k = int(w.example[i])
+            if score > float("-inf") and (k not in best or score > best[k][0]):
+                shift = int(w.window[i]) - int(w.ctx_start[i])
+                best[k] = (score, int(s) + shift, int(e) + shift, prob)
+        out = {}
+        for k, ex in enumerate(self.examples):
+            text, score, prob = "", float("-inf"), 0.0
+            if k in best:
+                score, s, e, prob = best[k]
+                text = ex["context"][ex["spans"][s][0]:ex["spans"][e][1]]
+            out[ex["id"]] = (text, score, prob) if scores else text
+        return out
+
+    def original_style(self, spans):
+        """The original example's numbers: only questions whose every answer lies in the
+        first window, start and end taken as independent argmaxes, pairs with start > end
+        skipped, answers compared as vocabulary tokens. Not comparable with SQuAD results."""
+        w, itos = self.windows, self.vocab.itos
+        samples, seen = [], set()
+        for i, (_, _, _, s, e, _) in enumerate(spans.long().tolist()):
+            k = int(w.example[i])
+            if k in seen:
+                continue  # only the first window, as the original had only that
+            seen.add(k)
+            c, wlen, ids = int(w.ctx_start[i]), int(w.window_len[i]), w.input_ids[i]
+            gold = self.examples[k]["gold"]
+            if s > e or any(gs < 0 or ge >= wlen for gs, ge in gold):
+                continue
+            tokens = lambda a, b: [itos[t] for t in ids[a:b + 1].tolist()]
+            samples.append(([tokens(gs + c, ge + c) for gs, ge in gold], tokens(s, e)))
+        return dict(orig_exact=metrics.compute_qa_exact(samples),
+                    orig_f1=metrics.compute_qa_f1(samples), orig_n=len(samples))
+
+
+# --------------------------------------------------------------------------- questions to answer
+
+def questions_to_answer(question=None, context=None, context_file=None, predict_file=None):
+    """The questions of --question/--context(-file) or of --predict-file, as SQuAD
+    paragraphs [{context, qas: [{id, question, answers: []}]}]; a UserError naming the
+    flag for a file that cannot be read, is not one of the two formats, or holds an
+    empty question or context."""
+    if predict_file is None:
+        if context_file:
+            try:
+                context = Path(context_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read --context-file {context_file}: {e}")
+        if not question.strip():
+            raise UserError("--question is empty; ask a question")
+        if not context.strip():
+            where = f"--context-file {context_file}" if context_file else "--context"
+            raise UserError(f"{where} is empty; give the text that holds the answer")
+        return [dict(context=context, qas=[dict(id="1", question=question, answers=[])])]
+    path = predict_file
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise UserError(f"cannot read --predict-file {path}: {e.strerror}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--predict-file {path} is not valid JSON: {e}")
+    paragraphs = []
+    try:
+        if isinstance(doc, dict):  # SQuAD format; the answers, if any, are not used
+            for article in doc["data"]:
+                for para in article["paragraphs"]:
+                    paragraphs.append(dict(context=para["context"], qas=[
+                        dict(id=str(q["id"]), question=q["question"], answers=[])
+                        for q in para["qas"]]))
+        else:
+            for i, item in enumerate(doc):
+                paragraphs.append(dict(context=item["context"], qas=[dict(
+                    id=str(item.get("id", i + 1)), question=item["question"], answers=[])]))
+        for para in paragraphs:
+            if not isinstance(para["context"], str) or not all(
+                    isinstance(q["question"], str) for q in para["qas"]):
+                raise TypeError("a question or context is not a string")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"--predict-file {path} is neither SQuAD format nor a list of {{\"question\": ..., "
+            f"\"context\": ...}} objects ({type(e).__name__}: {e})")
+    for para in paragraphs:
+        for q in para["qas"]:
+            if not q["question"].strip() or not para["context"].strip():
+                raise UserError(f"--predict-file {path}: question {q['id']} has an empty "
+                                f"{'question' if not q['question'].strip() else 'context'}")
+    return paragraphs

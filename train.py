@@ -1,0 +1,351 @@
+"""The training loop every task shares: the optimizer and its schedule, `evaluate`, and
+the `Trainer` (epochs, gradient accumulation, autocast, non-finite checks, signals,
+state files and resuming).
+
+A task talks to the Trainer through a `Task`: its loss function, its batches, and a
+`validate` that returns a dict of numbers. The Trainer records every number
+(monitor.Recorder) and prints the original example's lines rendered from those records.
+"""
+import contextlib
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import checkpoint
+import dist
+import monitor
+from utils import UserError, autocast, results_path, safe_exp
+
+
+# --------------------------------------------------------------------------- optimizer
+
+class Optimizer:
+    """The optimizer and its learning-rate schedule behind one interface.
+
+    sgd: the original's SGD; the learning rate is divided by 10 after an epoch whose
+    validation did not improve. adamw: AdamW (no weight decay on biases and LayerNorm)
+    with linear warm-up over --warmup optimizer steps, then linear decay to 0.
+    """
+
+    def __init__(self, args, model, steps_per_epoch):
+        self.plateau = self.schedule = None
+        if args.optimizer == "sgd":
+            self.opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+            self.plateau = torch.optim.lr_scheduler.StepLR(self.opt, 1, gamma=0.1)
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
+                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+        self.opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+        total = max(1, args.epochs * -(-steps_per_epoch // args.grad_accum))
+        warm = min(args.warmup, total - 1)
+
+        def factor(step):
+            if step < warm:
+                return (step + 1) / warm
+            return max(0.0, (total - step) / max(1, total - warm))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+
+    @property
+    def lr(self):
+        return self.opt.param_groups[0]["lr"]
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, scaler):
+        """One optimizer step through the gradient scaler, then the per-step schedule."""
+        scaler.step(self.opt)
+        scaler.update()
+        self.zero_grad()
+        if self.schedule is not None:
+            self.schedule.step()
+
+    def end_of_epoch(self, improved):
+        if not improved and self.plateau is not None:
+            self.plateau.step()
+
+    def state_dict(self):
+        return dict(optimizer=self.opt.state_dict(),
+                    scheduler=[x.state_dict() if x else None for x in (self.plateau, self.schedule)])
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state["optimizer"])
+        for sched, s in zip((self.plateau, self.schedule), state["scheduler"]):
+            if sched is not None:
+                sched.load_state_dict(s)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, batches, fn, args, ctx, reduce=True):
+    """Sums over batches of fn(model, batch) -> {name: number or 0-d tensor}, as floats,
+    added up over the ranks when reduce (each rank then evaluated its own share)."""
+    model = getattr(model, "module", model)  # no DDP needed without gradients
+    model.eval()
+    device = next(model.parameters()).device
+    totals = {}
+    shown = batches if args.dry_run else monitor.progress(batches, "evaluating", unit="batches",
+                                                          enabled=ctx.main)
+    for batch in shown:
+        with autocast(device, args.amp):
+            out = fn(model, batch)
+        for name, value in out.items():
+            totals[name] = totals.get(name, 0) + value
+        if args.dry_run:
+            break
+    names = sorted(totals)
+    values = [float(totals[n]) for n in names]
+    return dict(zip(names, ctx.all_sum(values) if reduce else values))
+
+
+def prepare_model(raw, args, ctx, frozen="as loaded"):
+    """raw on the device, its word embeddings fixed with --freeze-embeddings; returns
+    the model to train (compiled and in DDP as asked, sharing raw's parameters)."""
+    raw.to(ctx.device)
+    if args.freeze_embeddings:
+        raw.bert_model.freeze_word_embeddings()
+        ctx.print0(f"| --freeze-embeddings: the word embeddings stay {frozen}")
+    return dist.wrap(raw, args, ctx)
+
+
+def recorder(args, ctx):
+    """Where the run's numbers go: --results (JSON lines) and --tensorboard, written by
+    the main process. Made at start-up, so that a missing tensorboard fails at once."""
+    try:
+        board = monitor.Board(args.tensorboard if ctx.main else None)
+    except monitor.MissingDependency as e:
+        raise UserError(str(e)) from None
+    return monitor.Recorder(results_path(args), board, ctx.main)
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _rows(batch):
+    """The (N, S) token tensor of a batch, to count its sequences and tokens."""
+    first = getattr(batch, "input_ids", batch[0] if isinstance(batch, (list, tuple)) else batch)
+    return first if torch.is_tensor(first) and first.dim() == 2 else None
+
+
+@dataclass
+class Task:
+    """What the Trainer needs to know of a task."""
+    kind: str  # checkpoint kind of the whole model ("mlm_task", "ns_task", "qa_task")
+    loss: Callable  # (model, batch) -> mean loss tensor
+    batches: Callable  # epoch -> its batches, the same for the same epoch in every run
+    steps: int  # batches per epoch
+    validate: Callable  # model -> {"loss": ..., score: ...}, numbers only
+    describe: Callable  # (split, record) -> the text of its scores in the printouts
+    save_best: Callable  # () -> None, called whenever validation improves
+    fingerprint: str  # the vocabulary's, kept in state files
+    select: Callable = lambda r: r["loss"]  # the value of validate's dict to minimise
+    generators: tuple = ()  # torch.Generators the loss draws from, saved with the state
+    fmt: tuple = ("5.2f", "8.2f")  # formats of loss and ppl in the progress lines
+    train_tags: tuple = ("loss", "lr", "batches_per_s", "sequences_per_s", "tokens_per_s")
+
+
+class Trainer:
+    """The original's epoch loop: train, validate, keep the best, divide the learning
+    rate by 10 when validation does not improve (sgd). Resumable between any two steps.
+
+    model: raw, maybe compiled and in DDP (prepare_model). The state (model, optimizer,
+    schedule, epoch and step, random states, best value and loss logs) goes to
+    --state-file at every epoch end, every --save-every steps, and when SIGTERM or
+    SIGUSR1 arrives (then the run stops with status 128 + signal).
+    """
+
+    def __init__(self, args, ctx, model, raw, task, recorder):
+        self.args, self.ctx, self.model, self.raw, self.task = args, ctx, model, raw, task
+        self.recorder = recorder
+        self.optimizer = Optimizer(args, raw, task.steps)
+        self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.epoch, self.step, self.sums = 1, 0, [0.0, 0.0]  # next epoch; its steps done; loss sums
+        self.best, self.train_log, self.val_log = None, [], []
+        self.signal = None
+        recorder.start(append=self._start_from(args))
+
+    # ---------------------------------------------------------------- state
+    def _start_from(self, args):
+        """Load --checkpoint, or the state file with --resume; True when a run goes on."""
+        path = None if args.checkpoint == "None" else args.checkpoint
+        if args.resume and args.state_file and Path(args.state_file).is_file():
+            path = args.state_file  # a stopped run goes on; --checkpoint was where it began
+        if path is None:
+            return False
+        kind = self.task.kind
+        ckpt = checkpoint.load_into(self.raw, path, (kind, kind + "_state"), self.task.fingerprint)
+        if ckpt["kind"] == kind:
+            self.ctx.print0(f"| starting from the weights in {path}")
+            return False
+        self.optimizer.load_state_dict(ckpt)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step, self.sums = ckpt["epoch"], ckpt["step"], list(ckpt["sums"])
+        self.best, self.train_log, self.val_log = ckpt["best"], ckpt["train_log"], ckpt["val_log"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        for gen, state in zip(self.task.generators, ckpt["rng"]["generators"]):
+            gen.set_state(state)
+        if self.ctx.world > 1:  # dropout draws per rank; rank 0's state was saved
+            torch.manual_seed(self.args.seed + self.ctx.rank + 7919 * (self.epoch * 100003 + self.step))
+        self.ctx.print0(f"| resuming from {path}: epoch {self.epoch}, {self.step} batches done")
+        return True
+
+    def save_state(self):
+        if not self.args.state_file:
+            return
+        rng = dict(torch=torch.get_rng_state(),
+                   generators=[g.get_state() for g in self.task.generators])
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = checkpoint.header(
+            self.task.kind + "_state", self.raw.bert_model.config, self.task.fingerprint,
+            model=self.raw.state_dict(), **self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.step, sums=self.sums,
+            best=self.best, train_log=self.train_log, val_log=self.val_log, rng=rng)
+        checkpoint.atomic_save(state, self.args.state_file, self.ctx.main)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self):
+        """Run the remaining epochs; returns the (train, valid) loss logs."""
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            while self.epoch <= self.args.epochs:
+                start = time.time()
+                self.train_log.append(self.train_epoch(self.epoch))
+                scores = self.task.validate(self.model)
+                self.val_log.append(scores["loss"])
+                record = dict(record="valid", epoch=self.epoch, seconds=time.time() - start,
+                              **scores)
+                self.recorder.write(record, step=self.epoch, tags=list(scores))
+                self.ctx.print0(monitor.epoch_lines(record, self.task.describe("valid", record)))
+                key = self.task.select(scores)
+                improved = self.best is None or key < self.best
+                if improved:
+                    self.best = key
+                    self.task.save_best()
+                self.optimizer.end_of_epoch(improved)
+                self.epoch, self.step, self.sums = self.epoch + 1, 0, [0.0, 0.0]
+                if self.args.dry_run:
+                    break
+                self.save_state()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        return self.train_log, self.val_log
+
+    def _on_signal(self, signum, frame):
+        self.signal = signum  # acted on at the next step boundary
+        print(f"| rank {self.ctx.rank}: signal {signum} received, stopping after this step",
+              file=sys.stderr, flush=True)
+
+    def train_epoch(self, epoch):
+        """Train one epoch from self.step on; returns its mean loss over the ranks.
+
+        Losses are summed on the device and read back at log intervals only, so a
+        step never waits for the host; a non-finite loss is caught there, named with
+        the step it first appeared in (or skipped at once with --skip-nonfinite).
+        """
+        args, model, opt, ctx = self.args, self.model, self.optimizer, self.ctx
+        model.train()
+        opt.zero_grad()
+        batches = self.task.batches(epoch)
+        nbatches, every = len(batches), 1 if args.dry_run else args.log_interval
+        total, counted = torch.zeros((), device=self.device), 0
+        interval, first_bad = torch.zeros_like(total), torch.full((), -1, device=self.device)
+        start = time.time()
+        for i, batch in enumerate(batches):
+            if i < self.step:
+                continue  # done before the run was stopped
+            # --grad-accum K: K batches per optimizer step, gradients synced on the last.
+            last = (i + 1) % args.grad_accum == 0 or i + 1 == nbatches or args.dry_run
+            no_sync = not last and hasattr(model, "no_sync")
+            with model.no_sync() if no_sync else contextlib.nullcontext():
+                with autocast(self.device, args.amp):
+                    loss = self.task.loss(model, batch).float()
+                finite = torch.isfinite(loss)
+                if args.skip_nonfinite and not finite:
+                    ctx.print0(f"| epoch {epoch:3d} | batch {i + 1}: loss {loss.item()}, step skipped")
+                else:
+                    self.scaler.scale(loss / args.grad_accum).backward()
+                    first_bad = torch.where(~finite & (first_bad < 0), i + 1, first_bad)
+                    total, interval = total + loss.detach(), interval + loss.detach()
+                    counted += 1
+            if last:
+                if args.clip > 0:
+                    self.scaler.unscale_(opt.opt)
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                opt.step(self.scaler)
+            self.step = i + 1
+            if self.step % every == 0:
+                self._check(first_bad, epoch)
+                self._log(epoch, nbatches, ctx.all_sum([interval.item()])[0] / every / ctx.world,
+                          (time.time() - start) * 1000 / every, batch)
+                interval, start = torch.zeros_like(interval), time.time()
+            if args.dry_run:
+                break
+            if not last:
+                continue  # the state is saved between optimizer steps only
+            stop = ctx.any(self.signal is not None)
+            if stop or (args.save_every and self.step % args.save_every == 0):
+                self._check(first_bad, epoch)
+                self.sums = [self.sums[0] + total.item(), self.sums[1] + counted]
+                total, counted = torch.zeros_like(total), 0
+                self.save_state()
+                if stop:
+                    ctx.print0(f"| stopped at epoch {epoch}, batch {self.step}; state saved to "
+                               f"{args.state_file}: run the same command with --resume to go on")
+                    raise dist.Stopped(self.signal or signal.SIGTERM)
+        self._check(first_bad, epoch)
+        loss_sum, count = ctx.all_sum([self.sums[0] + total.item(), self.sums[1] + counted])
+        return loss_sum / max(count, 1)
+
+    def _log(self, epoch, nbatches, loss, ms, batch):
+        """The record of a log interval, then its progress line."""
+        per_s = 1000.0 / ms if ms > 0 else 0.0
+        record = dict(record="train", epoch=epoch, step=self.step, steps=nbatches,
+                      lr=self.optimizer.lr, ms_per_batch=ms, loss=loss, ppl=safe_exp(loss),
+                      batches_per_s=per_s)
+        rows = _rows(batch)
+        if rows is not None:
+            record["sequences_per_s"] = per_s * rows.size(0) * self.ctx.world
+            record["tokens_per_s"] = per_s * rows.numel() * self.ctx.world
+        self.recorder.write(record, step=(epoch - 1) * nbatches + self.step,
+                            tags=self.task.train_tags)
+        self.ctx.print0(monitor.train_line(record, self.task.fmt))
+
+    def _check(self, first_bad, epoch):
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise UserError(f"the training loss became NaN or infinite at epoch {epoch}, batch "
+                            f"{bad}; lower --lr, --clip or use --amp none, or pass "
+                            "--skip-nonfinite to skip such steps")
+
+    def finish(self, scores, split="test"):
+        """The closing lines from the final scores, the test record, the loss log; the
+        state file goes (the run is complete)."""
+        record = dict(record="test", split=split, **scores)
+        self.recorder.write(record, step=len(self.val_log), tags=list(scores))
+        self.recorder.close()
+        self.ctx.print0(monitor.final_lines(self.task.describe(split, record)))
+        write_loss_log(self.args.loss_log, self.train_log, self.val_log, scores["loss"],
+                       self.args, self.ctx.main)
+        if self.args.state_file and self.ctx.main and not self.args.dry_run:
+            Path(self.args.state_file).unlink(missing_ok=True)
+
+
+def write_loss_log(file_name, train_loss, val_loss, test_loss, args=None, main=True):
+    """The original's loss log: the flags, then one line per epoch and the test loss."""
+    lines = [f"{k}:    {v}" for k, v in vars(args).items()] if args else []
+    lines += [f"epoch {i + 1:3d} | train loss {x:8.5f}" for i, x in enumerate(train_loss)]
+    lines += [f"epoch {i + 1:3d} | val loss {x:8.5f}" for i, x in enumerate(val_loss)]
+    lines.append(f"test loss {test_loss:8.5f}")
+    checkpoint.atomic_write_text(file_name, "\n".join(lines) + "\n", main)
