@@ -142,14 +142,10 @@ def main(args):
     task = train.Task(
         "mlm_task", mlm_loss(args.mask_frac, args.mask_mode, len(vocab), masks, ctx),
         lambda epoch: blocks["train"], len(blocks["train"]), lambda model: evaluate("valid"),
-        describe, lambda: checkpoint.save_task(args.save_full, raw, "mlm_task", vocab.fingerprint,
-                                               ctx.main),
-        vocab.fingerprint, generators=(masks,), train_tags=train.Task.train_tags + ("ppl",))
+        describe, args.save_full, vocab.fingerprint, generators=(masks,),
+        train_tags=train.Task.train_tags + ("ppl",))
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)
     trainer.fit()
-
-    ctx.barrier()  # the file may just have been written by rank 0
-    checkpoint.load_into(raw, args.save_full, "mlm_task", vocab.fingerprint)
     scores = evaluate("test")
     trainer.finish(scores)
     checkpoint.save_encoder(args.save, raw.bert_model, vocab.fingerprint, ctx.main,

@@ -111,14 +111,10 @@ def main(args):
     task = train.Task(
         "ns_task", ns_step, train_batches,
         data.Batches.count(counts["train"], args.batch_size, **ctx.shard(True)),
-        lambda model: evaluate("valid"), describe,
-        lambda: checkpoint.save_task(args.save_full, raw, "ns_task", vocab.fingerprint, ctx.main),
-        vocab.fingerprint, fmt=("8.5f", "5.2f"))
+        lambda model: evaluate("valid"), describe, args.save_full, vocab.fingerprint,
+        fmt=("8.5f", "5.2f"))
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)
     trainer.fit()
-
-    ctx.barrier()  # the file may just have been written by rank 0
-    checkpoint.load_into(raw, args.save_full, "ns_task", vocab.fingerprint)
     scores = evaluate("test")
     trainer.finish(scores)
     checkpoint.save_encoder(args.save, raw.bert_model, vocab.fingerprint, ctx.main,

@@ -201,13 +201,9 @@ def main(args):
                                          seed=args.seed, epoch=epoch, **ctx.shard(True))
     task = train.Task(
         "qa_task", qa_loss, batches, len(batches(1)), lambda model: numbers(dev(model)), describe,
-        lambda: checkpoint.save_task(args.save, raw, "qa_task", vocab.fingerprint, ctx.main),
-        vocab.fingerprint, select=lambda r: -r["f1"])
+        args.save, vocab.fingerprint, select=lambda r: -r["f1"])
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)
     trainer.fit()
-
-    ctx.barrier()  # the file may just have been written by rank 0
-    checkpoint.load_into(raw, args.save, "qa_task", vocab.fingerprint)
     final = squad.Evaluator(args.test_file, args, tokenizer, vocab, ctx) if args.test_file else dev
     r = final(model)
     trainer.finish(numbers(r), "test" if args.test_file else "dev")

@@ -143,8 +143,8 @@ class Task:
     steps: int  # batches per epoch
     validate: Callable  # model -> {"loss": ..., score: ...}, numbers only
     describe: Callable  # (split, record) -> the text of its scores in the printouts
-    save_best: Callable  # () -> None, called whenever validation improves
-    fingerprint: str  # the vocabulary's, kept in state files
+    best: str  # where the best model on validation is kept (and loaded from after training)
+    fingerprint: str  # the vocabulary's, kept in checkpoints
     select: Callable = lambda r: r["loss"]  # the value of validate's dict to minimise
     generators: tuple = ()  # torch.Generators the loss draws from, saved with the state
     fmt: tuple = ("5.2f", "8.2f")  # formats of loss and ppl in the progress lines
@@ -215,7 +215,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self):
-        """Run the remaining epochs; returns the (train, valid) loss logs."""
+        """Run the remaining epochs, then load the best model on validation into raw;
+        returns the (train, valid) loss logs."""
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             while self.epoch <= self.args.epochs:
@@ -231,7 +232,8 @@ class Trainer:
                 improved = self.best is None or key < self.best
                 if improved:
                     self.best = key
-                    self.task.save_best()
+                    checkpoint.save_task(self.task.best, self.raw, self.task.kind,
+                                         self.task.fingerprint, self.ctx.main)
                 self.optimizer.end_of_epoch(improved)
                 self.epoch, self.step, self.sums = self.epoch + 1, 0, [0.0, 0.0]
                 if self.args.dry_run:
@@ -240,6 +242,8 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+        self.ctx.barrier()  # the file may just have been written by rank 0
+        checkpoint.load_into(self.raw, self.task.best, self.task.kind, self.task.fingerprint)
         return self.train_log, self.val_log
 
     def _on_signal(self, signum, frame):

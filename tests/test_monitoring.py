@@ -192,6 +192,8 @@ def test_predict_answers_like_the_evaluation(trained_qa):
     (["--question", "Why?"], "add --predict"),
     (["--predict", "--question", "Why?"], "--predict needs --question with --context"),
     (["--predict", "--predict-file", "missing.json"], "cannot read --predict-file missing.json"),
+    (["--predict", "--question", "Why?", "--context", ""], "--context is empty"),
+    (["--predict", "--question", "  ", "--context", "The sky is blue."], "--question is empty"),
     (["--predict", "--predict-file", "train.json", "--save", "mlm_bert.pt"],
      "'encoder' checkpoint where 'qa_task' is expected"),
 ])
