@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import MLMTask, QuestionAnswerTask, flops_per_token
+from model import MAX_POSITIONS, MLMTask, QuestionAnswerTask, flops_per_token
 from utils import autocast
 
 
@@ -99,7 +99,7 @@ def hf_models(a):
         return None
     cfg = transformers.BertConfig(vocab_size=a.vocab, hidden_size=a.emsize, num_hidden_layers=a.nlayers,
                                   num_attention_heads=a.nhead, intermediate_size=a.nhid,
-                                  max_position_embeddings=512, attn_implementation="sdpa")
+                                  max_position_embeddings=MAX_POSITIONS, attn_implementation="sdpa")
     return (f"transformers {transformers.__version__}", transformers.BertForMaskedLM(cfg),
             transformers.BertForQuestionAnswering(cfg))
 

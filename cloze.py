@@ -11,7 +11,7 @@ import random
 import re
 from pathlib import Path
 
-import data
+import corpus
 from data import DataError
 
 _CLOZE_SKIP = frozenset(
@@ -122,7 +122,7 @@ def cloze_files(folder, tokenizer, bptt, print0=print):
     window."""
     files = {}
     for where in (Path(folder), Path(folder) / "wikitext-2", Path(folder) / "wikitext-103"):
-        files = {s: data.find_file(where, f"wiki.{s}.tokens") for s in ("train", "valid")}
+        files = {s: corpus.find_file(where, f"wiki.{s}.tokens") for s in ("train", "valid")}
         if all(files.values()):
             break
     if not all(files.values()):
@@ -133,7 +133,7 @@ def cloze_files(folder, tokenizer, bptt, print0=print):
         for para in paragraphs:
             para["qas"] = [qa for qa in para["qas"] if len(tokenizer(qa["question"])) <= bptt // 2]
         return [para for para in paragraphs if para["qas"]]
-    train, valid = (fitting(cloze_questions(data.read_lines([files[s]])))
+    train, valid = (fitting(cloze_questions(corpus.read_lines([files[s]])))
                     for s in ("train", "valid"))
     for split, paragraphs in (("train", train), ("valid", valid)):
         if not paragraphs:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import corpus
 import data
 import dist
 import monitor
@@ -43,7 +44,7 @@ def build_parser():
     add("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
         help="'mask': every masked token becomes <MASK> (the original); "
              "'bert': 80%% <MASK>, 10%% a random word, 10%% unchanged")
-    utils.add_corpus_flags(p, "WikiText2", data.DATASETS, "MLM")
+    utils.add_corpus_flags(p, "WikiText2", corpus.DATASETS, "MLM")
     add("--save-full", type=str, default="full_mlm_model.pt",
         help="where to keep the best full model (encoder and MLM head)")
     add("--loss-log", type=str, default="mlm_loss.txt", help="the loss log written at the end")
@@ -77,7 +78,7 @@ def prepare_vocab(args, dataset, sources, tokenizer, ctx):
         vocab = data.Vocab.load(args.save_vocab)
         ctx.print0(f"| vocabulary: {len(vocab)} tokens read from {args.save_vocab}")
     else:
-        vocab = data.Vocab.build(data.count_tokens_for_vocab(dataset, sources, tokenizer))
+        vocab = data.Vocab.build(corpus.count_tokens_for_vocab(dataset, sources, tokenizer))
         checkpoint.atomic_write_text(args.save_vocab, vocab.to_text(), ctx.main)
         ctx.print0(f"| vocabulary: {len(vocab)} tokens built from the {dataset} train split, "
                    f"saved to {args.save_vocab}")
@@ -115,10 +116,10 @@ def main(args):
     tokenizer = data.Tokenizer()
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     recorder = train.recorder(args, ctx)
-    sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
+    sources = corpus.corpus_sources(args.dataset, corpus.dataset_dir(args.dataset, args.data_dir))
     vocab = prepare_vocab(args, args.dataset, sources, tokenizer, ctx)
     blocks = {}
-    for split, (ids, _) in data.load_corpus(args.dataset, sources, vocab, tokenizer,
+    for split, (ids, _) in corpus.load_corpus(args.dataset, sources, vocab, tokenizer,
                                             args.cache_dir, ctx.main).items():
         blocks[split] = data.mlm_blocks(ids, args.batch_size * ctx.world, args.bptt,
                                         split).to(ctx.device)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import corpus
 import data
 import dist
 import train
@@ -27,7 +28,7 @@ def build_parser():
                           batch_size=24, log_interval=600, save="ns_bert.pt", seed=312216194,
                           state="ns_state.pt")
     add = p.add_argument
-    utils.add_corpus_flags(p, "WikiText103", data.DATASETS, "next-sentence")
+    utils.add_corpus_flags(p, "WikiText103", corpus.DATASETS, "next-sentence")
     add("--min_sentence_len", type=int, default=60,
         help="lines shorter than this many tokens are not used")
     add("--frac_ns", type=float, default=0.5, help="fraction of pairs whose B is not the next text")
@@ -81,11 +82,11 @@ def main(args):
     recorder = train.recorder(args, ctx)
     raw = NextSentenceTask(checkpoint.load_encoder(args.bert_model, vocab, args.dropout))
     model = train.prepare_model(raw, args, ctx)
-    sources = data.corpus_sources(args.dataset, data.dataset_dir(args.dataset, args.data_dir))
-    corpus = data.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir, ctx.main)
+    sources = corpus.corpus_sources(args.dataset, corpus.dataset_dir(args.dataset, args.data_dir))
+    splits = corpus.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir, ctx.main)
 
     def pairs(split, seed):
-        ids, offsets = corpus[split]
+        ids, offsets = splits[split]
         gen = torch.Generator().manual_seed(seed)
         tensors = data.ns_pairs(ids, offsets, args.min_sentence_len, args.frac_ns, args.bptt, gen)
         return [t.to(ctx.device) for t in tensors]
@@ -94,7 +95,7 @@ def main(args):
     # training pairs are drawn anew each epoch (new split points and partners).
     fixed = {s: pairs(s, args.seed + i) for i, s in enumerate(("valid", "test"), 1)}
     counts = {split: int((np.diff(offsets) >= max(2, args.min_sentence_len)).sum())
-              for split, (_, offsets) in corpus.items()}
+              for split, (_, offsets) in splits.items()}
     for split, n in counts.items():
         ctx.print0(f"| {split}: {n} pairs (lines with at least {args.min_sentence_len} tokens)")
 

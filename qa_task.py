@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import cloze
+import corpus
 import data
 import dist
 import squad
@@ -112,7 +113,7 @@ def squad_path(args, flag, name):
     given = getattr(args, flag)
     if given:
         return given
-    return squad.squad_file(data.dataset_dir("SQuAD1", args.data_dir), name)
+    return squad.squad_file(corpus.dataset_dir("SQuAD1", args.data_dir), name)
 
 
 def qa_loss(model, w):

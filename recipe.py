@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-import data
+import corpus
 import monitor
 
 HERE = Path(__file__).resolve().parent
@@ -89,7 +89,7 @@ def parse(argv=None):
 
 def squad_files(folder):
     """(train, eval, label): the official files where they exist, else the dev split."""
-    find = lambda name: data.find_file(folder, name)
+    find = lambda name: corpus.find_file(folder, name)
     train, dev = find("train-v1.1.json"), find("dev-v1.1.json")
     if train and dev:
         return train, dev, "dev"

@@ -18,7 +18,8 @@ import data
 import metrics
 import monitor
 import train
-from data import CLS, PAD, SEP, DataError, download, find_file, open_text
+from corpus import download, find_file, open_text
+from data import CLS, PAD, SEP, DataError
 from utils import UserError
 
 SQUAD = {"train-v1.1.json": "981b29407e0affa3b1b156f72073b945",

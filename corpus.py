@@ -1,0 +1,333 @@
+"""The text corpora of the masked-LM and next-sentence tasks: a registry of data sets
+(files, downloads with checksums, split rules), reading their lines, and their token
+ids, cached so that a second run skips tokenization.
+
+    sources = corpus_sources("WikiText2", dataset_dir("WikiText2", "DIR"))
+    splits = load_corpus("WikiText2", sources, vocab, tokenizer, ".data/cache")  # {split: (ids, offsets)}
+
+Adding a corpus is adding an entry to CORPORA (and the function that finds its splits).
+"""
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+import monitor
+from data import DataError
+
+SPLITS = ("train", "valid", "test")
+WHOLE = (0.0, 1.0)  # a line range: all of a file's lines
+
+
+@dataclass(frozen=True)
+class Download:
+    """Where a corpus's zip comes from, and the folder it unpacks to."""
+    folder: str
+    zip: str
+    url: str
+    md5: str
+
+
+def md5sum(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, dest, md5, timeout=60):
+    """Fetch url to dest through a temporary file; keep it only if its MD5 matches."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    print(f"| downloading {url} -> {dest}", flush=True)
+    req = urllib.request.Request(url, headers={"User-Agent": "torchtext-bert-example/1.0"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download {url}: {getattr(e, 'reason', e)}") from None
+    got = md5sum(tmp)
+    if got != md5:
+        tmp.unlink()
+        raise DataError(f"download of {url} has MD5 {got}, expected {md5}; nothing was kept")
+    os.replace(tmp, dest)
+    return dest
+
+
+def safe_extract(zip_path, target):
+    """Extract a zip, refusing members that would land outside target."""
+    target = Path(target).resolve()
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            for member in zf.namelist():
+                if not (target / member).resolve().is_relative_to(target):
+                    raise DataError(f"{zip_path} has a member outside its folder: {member!r}")
+            zf.extractall(target)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise DataError(f"{zip_path} is not a readable zip ({e}); delete it and "
+                        "download it again") from None
+
+
+def find_file(folder, name):
+    """folder/name or folder/name.gz, whichever is a file; else None."""
+    for cand in (folder / name, folder / (name + ".gz")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _fetch_zip(dataset, data_dir, allow_download, wanted):
+    """Make sure the dataset's zip is extracted in data_dir (downloading it if allowed)."""
+    src = CORPORA[dataset].download
+    zip_path = data_dir / src.zip
+    if not zip_path.is_file():
+        where = f"put {wanted} (or {src.zip}) in {data_dir}, or pass --data-dir"
+        if not allow_download:
+            raise DataError(f"{dataset} not found: {where}")
+        try:
+            download(src.url, zip_path, src.md5)
+        except DataError as e:
+            raise DataError(f"{dataset} not found and {e}; {where}") from None
+    print(f"| extracting {zip_path}", flush=True)
+    safe_extract(zip_path, data_dir)
+    return True
+
+
+def wikitext_files(dataset, data_dir, allow_download=True):
+    """{split: path} for wiki.{split}.tokens[.gz] in data_dir, data_dir/<folder>, or the zip."""
+    folder = CORPORA[dataset].download.folder
+    names = {s: f"wiki.{s}.tokens" for s in SPLITS}
+    wanted = "wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens"
+    for attempt in range(2):
+        for d in (data_dir, data_dir / folder):
+            found = {s: find_file(d, n) for s, n in names.items()}
+            if all(found.values()):
+                return found
+        if attempt == 0:
+            _fetch_zip(dataset, data_dir, allow_download, wanted)
+    raise DataError(f"{CORPORA[dataset].download.zip} in {data_dir} does not hold {wanted}")
+
+
+def open_text(path):
+    path = str(path)
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def text_lines(path):
+    """The lines of a plain-text file (or .gz)."""
+    try:
+        with open_text(path) as f:
+            yield from f
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def read_lines(paths, read=text_lines):
+    """The lines of several files, each read with read(path)."""
+    for p in paths:
+        yield from read(p)
+
+
+_WIKIFIL = [(re.compile(p, re.I if i else 0), r) for i, (p, r) in enumerate([
+    (r"<ref[^<]*</ref>", ""), (r"<[^>]*>", ""), (r"\[http:[^] ]*", "["),
+    (r"\|(thumb|left|right|\d+px)", ""), (r"\[\[image:[^\[\]]*\|", ""),
+    (r"\[\[category:([^|\]]*)[^]]*\]\]", r"[[\1]]"), (r"\[\[[a-z\-]*:[^\]]*\]\]", ""),
+    (r"\[\[[^\|\]]*\|", "[["), (r"\{\{[^}]*\}\}", ""), (r"\{[^}]*\}", ""),
+    (r"[\[\]]", ""), (r"&[^;]*;", " ")])]
+_DIGITS = str.maketrans({str(d): f" {w} " for d, w in enumerate(
+    "zero one two three four five six seven eight nine".split())})
+
+
+def enwik9_filter(path):
+    """The visible article text of a Wikipedia XML dump, reduced in the manner of Matt
+    Mahoney's wikifil.pl (lower-case letters and spaces, digits spelled out), line by
+    line rather than by XML record; one line of output per non-empty line of text."""
+    in_text = False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if "<text " in line:
+                in_text = True
+            if "#redirect" in line.lower():
+                in_text = False
+            if not in_text:
+                continue
+            if "</text>" in line:
+                in_text = False
+            line = line.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+            for pattern, repl in _WIKIFIL:
+                line = pattern.sub(repl, line)
+            line = re.sub(r"[^a-z]+", " ", line.lower().translate(_DIGITS)).strip()
+            if line:
+                yield line + "\n"
+
+
+# Each corpus's splits: (data folder, allow_download) -> {split: (files, line range)}.
+# Corpora without splits of their own are cut by lines: the first 80% train, the next
+# 10% valid, the rest test.
+BY_LINES = {"train": (0.0, 0.8), "valid": (0.8, 0.9), "test": (0.9, 1.0)}
+
+
+def _wikitext_splits(name):
+    def splits(data_dir, allow_download):
+        return {s: ([p], WHOLE) for s, p in wikitext_files(name, data_dir, allow_download).items()}
+    return splits
+
+
+def _bookcorpus_splits(data_dir, allow_download):
+    files = sorted(p for p in data_dir.rglob("*") if p.suffix in (".txt", ".gz") and p.is_file())
+    if not files:
+        raise DataError(f"BookCorpus: no .txt files in {data_dir}; BookCorpus is not public, "
+                        "put your own folder of plain-text books there or pass --data-dir")
+    return {s: (files, r) for s, r in BY_LINES.items()}
+
+
+def _enwik9_splits(data_dir, allow_download):
+    path = data_dir / "enwik9"
+    if not path.is_file():
+        _fetch_zip("EnWik9", data_dir, allow_download, "enwik9")
+    return {s: ([path], r) for s, r in BY_LINES.items()}
+
+
+def _newscrawl_splits(data_dir, allow_download):
+    """News Crawl's files for training; WikiText-2's valid and test, as the original."""
+    files = sorted(p for p in data_dir.glob("news*") if p.is_file())
+    if not files:
+        raise DataError(f"WMTNewsCrawl: no news.* files (e.g. news.2010.en.shuffled) in "
+                        f"{data_dir}; download them from the WMT site or pass --data-dir")
+    wt2 = wikitext_files("WikiText2", data_dir, allow_download)
+    return {"train": (files, WHOLE), "valid": ([wt2["valid"]], WHOLE),
+            "test": ([wt2["test"]], WHOLE)}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text corpus of the masked-LM and next-sentence tasks (--dataset)."""
+    name: str
+    splits: Callable  # (data folder, allow_download) -> {split: (files, line range)}
+    download: Optional[Download] = None  # where its zip comes from, if anywhere
+    read: Callable = text_lines  # path -> its lines of text
+
+
+# The registry: adding a corpus is adding an entry (and its splits function above).
+# The original S3 address of WikiText answers 403; the author's mirror serves the same
+# zips but refuses Python's default User-Agent (download() sends its own).
+CORPORA = {c.name: c for c in [
+    Corpus("WikiText2", _wikitext_splits("WikiText2"), Download(
+        "wikitext-2", "wikitext-2-v1.zip", "https://wikitext.smerity.com/wikitext-2-v1.zip",
+        "542ccefacc6c27f945fb54453812b3cd")),
+    Corpus("WikiText103", _wikitext_splits("WikiText103"), Download(
+        "wikitext-103", "wikitext-103-v1.zip", "https://wikitext.smerity.com/wikitext-103-v1.zip",
+        "9ddaacaf6af0710eda8c456decff7832")),
+    Corpus("BookCorpus", _bookcorpus_splits),
+    Corpus("EnWik9", _enwik9_splits, Download(
+        ".", "enwik9.zip", "http://mattmahoney.net/dc/enwik9.zip",
+        "3e773f8a1577fda2e27f871ca17f31fd"), read=lambda p: enwik9_filter(p)),
+    Corpus("WMTNewsCrawl", _newscrawl_splits),
+]}
+DATASETS = list(CORPORA)
+
+
+def corpus_sources(dataset, data_dir, allow_download=True):
+    """{split: (files, line_fraction_range)} for an MLM/NS corpus of the registry."""
+    if dataset not in CORPORA:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return CORPORA[dataset].splits(Path(data_dir), allow_download)
+
+
+def dataset_dir(dataset, data_dir=None):
+    """The folder to read (and download into): --data-dir if given, else .data/<dataset>."""
+    if data_dir is None:
+        path = Path(".data") / dataset
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise DataError(f"data folder {path} does not exist; pass --data-dir with the folder "
+                        f"that holds the {dataset} files")
+    return path
+
+
+def _line_range(n, frac):
+    return int(n * frac[0]), int(n * frac[1])
+
+
+def count_tokens_for_vocab(dataset, sources, tokenizer):
+    """Token lists of the train split, for Vocab.build (a generator: nothing is kept)."""
+    files, frac = sources["train"]
+    read = CORPORA[dataset].read
+    lines = read_lines(files, read)
+    if frac != WHOLE:
+        n = sum(1 for _ in read_lines(files, read))
+        lo, hi = _line_range(n, frac)
+        lines = (line for i, line in enumerate(lines) if lo <= i < hi)
+    return (tokenizer(line) for line in lines)
+
+
+def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None, show=True):
+    """Token ids of one split: (ids int64 tensor (T,), line offsets int64 array (L+1,)).
+
+    The ids of the whole source are cached in cache_dir, keyed on the files' size and
+    time and on the vocabulary, so a second run skips tokenization. show: print progress.
+    """
+    files, frac = sources[split]
+    key = hashlib.sha256("|".join(
+        [dataset, tokenizer.name, vocab.fingerprint, "v1"]
+        + [f"{Path(p).resolve()}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files]
+    ).encode()).hexdigest()[:24]
+    cache = Path(cache_dir) / f"{dataset}-{key}.npz" if cache_dir else None
+    ids = offsets = None
+    if cache is not None and cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                ids, offsets = z["ids"], z["offsets"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            ids = None  # a damaged cache is rebuilt, never trusted
+    if ids is None:
+        chunks, lengths = [], []
+        lines = monitor.progress(read_lines(files, CORPORA[dataset].read),
+                                 f"tokenizing {dataset} {split}", unit="lines", enabled=show)
+        for line in lines:
+            toks = vocab.lookup_indices(tokenizer(line))
+            chunks.append(np.asarray(toks, dtype=np.int32))
+            lengths.append(len(toks))
+        ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        if cache is not None:
+            _save_cache(cache, ids, offsets)
+    lo, hi = _line_range(len(offsets) - 1, frac)
+    offsets = offsets[lo:hi + 1]
+    ids = torch.from_numpy(ids[offsets[0]:offsets[-1]].astype(np.int64))
+    return ids, offsets - offsets[0]
+
+
+def load_corpus(dataset, sources, vocab, tokenizer, cache_dir=None, show=True):
+    """{split: (ids, line offsets)} for train, valid and test (see load_split)."""
+    return {s: load_split(dataset, sources, s, vocab, tokenizer, cache_dir or None, show)
+            for s in SPLITS}
+
+
+def _save_cache(path, ids, offsets):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, ids=ids, offsets=offsets)
+        os.replace(tmp, path)
+    except OSError as e:  # caching is an optimisation; results do not depend on it
+        print(f"| warning: could not write token cache {path}: {e}")
