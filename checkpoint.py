@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from model import BertModel, MLMTask
+from model import BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask
 from utils import UserError
 
 FORMAT = "bert-example"
@@ -78,9 +78,11 @@ def save_encoder(path, bert_model, vocab_fingerprint, main=True, **extra):
 
 
 def save_task(path, model, kind, vocab_fingerprint, main=True):
-    """A whole task model (encoder and head) with the encoder's configuration."""
+    """A whole task model (encoder and head) with the encoder's configuration and, for a
+    QA model, which span head it has."""
+    extra = dict(qa_head=model.head) if isinstance(model, QuestionAnswerTask) else {}
     atomic_save(header(kind, model.bert_model.config, vocab_fingerprint,
-                       model=model.state_dict()), path, main)
+                       model=model.state_dict(), **extra), path, main)
 
 
 # --------------------------------------------------------------------------- reading
@@ -157,5 +159,24 @@ def load_into(model, path, kinds, vocab_fingerprint):
     ckpt = load(path, kinds)
     check_fit(ckpt, path, model.bert_model.config, vocab_fingerprint)
     check_heads(ckpt["model"], model, path)
+    if isinstance(model, QuestionAnswerTask) and ckpt.get("qa_head", "original") != model.head:
+        raise UserError(f"{path} has the {ckpt.get('qa_head', 'original')!r} span head; pass "
+                        f"--qa-head {ckpt.get('qa_head', 'original')}")
     model.load_state_dict(ckpt["model"])
     return ckpt
+
+
+def build(ckpt):
+    """The model a checkpoint holds (an encoder or a task model), with its weights."""
+    encoder, state = BertModel(**ckpt["config"]), ckpt["model"]
+    if ckpt["kind"] == "encoder":
+        model = encoder
+    elif ckpt["kind"].startswith("mlm_task"):
+        model = MLMTask.on(encoder, tie_weights=MLMTask.state_is_tied(state))
+    elif ckpt["kind"].startswith("ns_task"):
+        model = NextSentenceTask(encoder)
+    else:
+        model = QuestionAnswerTask(encoder, match_feature="match_embed.weight" in state,
+                                   head=ckpt.get("qa_head", "original"))
+    model.load_state_dict(state)
+    return model

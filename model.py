@@ -15,6 +15,7 @@ Tensors are batch-first throughout:
 The layer layout follows the original example: learned positions and two
 token types, post-LayerNorm encoder layers with GELU.
 """
+import functools
 import math
 
 import torch
@@ -22,6 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_POSITIONS = 512  # learned position table; sequences longer than this are refused
+# The encoder's activations, by the names transformers' BERT configs use (gelu is exact).
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu,
+               "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+               "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 def init_weights(module):
@@ -109,14 +114,15 @@ class TokenTypeEncoding(nn.Module):
 class BertEmbedding(nn.Module):
     """Word + position + token type, then LayerNorm and dropout: (N, S) -> (N, S, E)."""
 
-    def __init__(self, ntoken, ninp, dropout=0.5):
+    def __init__(self, ntoken, ninp, dropout=0.5, max_positions=MAX_POSITIONS, type_vocab_size=2,
+                 eps=1e-5):
         super().__init__()
         self.ninp = ninp
         self.ntoken = ntoken
-        self.pos_embed = PositionalEncoding(ninp)
+        self.pos_embed = PositionalEncoding(ninp, max_positions)
         self.embed = nn.Embedding(ntoken, ninp)
-        self.tok_type_embed = TokenTypeEncoding(2, ninp)  # two sentence types
-        self.norm = nn.LayerNorm(ninp)
+        self.tok_type_embed = TokenTypeEncoding(type_vocab_size, ninp)  # sentence types (A, B)
+        self.norm = nn.LayerNorm(ninp, eps=eps)
         self.dropout = Dropout(dropout)
 
     def forward(self, src, token_type_input=None, extra=None):
@@ -179,20 +185,20 @@ class TransformerEncoderLayer(nn.Module):
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="gelu",
-                 norm_first=False):
+                 norm_first=False, eps=1e-5):
         super().__init__()
         self.norm_first = norm_first
-        if activation not in ("gelu", "relu"):
-            raise ValueError(f"activation must be 'gelu' or 'relu', not {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
         self.mha = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
         self.dropout = Dropout(dropout)
         self.dropout1 = Dropout(dropout)
         self.dropout2 = Dropout(dropout)
-        self.activation = F.gelu if activation == "gelu" else F.relu
+        self.activation = ACTIVATIONS[activation]
 
     def _ff(self, x):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
@@ -211,7 +217,14 @@ class TransformerEncoderLayer(nn.Module):
 class BertModel(nn.Module):
     """Embeddings plus `nlayers` encoder layers: (N, S) ids -> (N, S, ninp)."""
 
-    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, norm_first=False):
+    # Settings beyond the original's sizes, with their defaults; a config records one only
+    # when it differs, so that checkpoints of the original's shape keep their config.
+    EXTRAS = dict(norm_first=False, layer_norm_eps=1e-5, max_positions=MAX_POSITIONS,
+                  type_vocab_size=2, activation="gelu")
+
+    def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, norm_first=False,
+                 layer_norm_eps=1e-5, max_positions=MAX_POSITIONS, type_vocab_size=2,
+                 activation="gelu"):
         super().__init__()
         for name, value in (("ntoken", ntoken), ("ninp", ninp), ("nhead", nhead),
                             ("nhid", nhid), ("nlayers", nlayers)):
@@ -224,14 +237,18 @@ class BertModel(nn.Module):
         # Everything needed to rebuild this encoder from a checkpoint.
         self.config = dict(ntoken=ntoken, ninp=ninp, nhead=nhead, nhid=nhid,
                            nlayers=nlayers, dropout=dropout)
-        if norm_first:  # only then, so that post-LayerNorm checkpoints keep their config
-            self.config["norm_first"] = True
-        self.bert_embed = BertEmbedding(ntoken, ninp, dropout)
+        given = dict(norm_first=norm_first, layer_norm_eps=layer_norm_eps,
+                     max_positions=max_positions, type_vocab_size=type_vocab_size,
+                     activation=activation)
+        self.config.update({k: v for k, v in given.items() if v != self.EXTRAS[k]})
+        self.bert_embed = BertEmbedding(ntoken, ninp, dropout, max_positions, type_vocab_size,
+                                        layer_norm_eps)
         self.layers = nn.ModuleList(
-            TransformerEncoderLayer(ninp, nhead, nhid, dropout, norm_first=norm_first)
+            TransformerEncoderLayer(ninp, nhead, nhid, dropout, activation, norm_first,
+                                    layer_norm_eps)
             for _ in range(nlayers))
         # Pre-LayerNorm layers leave their sum unnormalised: one LayerNorm after the last.
-        self.final_norm = nn.LayerNorm(ninp) if norm_first else None
+        self.final_norm = nn.LayerNorm(ninp, eps=layer_norm_eps) if norm_first else None
         self.apply(init_weights)
 
     def freeze_word_embeddings(self):
@@ -273,17 +290,25 @@ class MLMTask(nn.Module):
     """
 
     def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, norm_first=False,
-                 tie_weights=False):
+                 tie_weights=False, encoder=None, head_eps=1e-12):
+        """A new encoder of the given sizes, or encoder (a BertModel, whose sizes count)."""
         super().__init__()
-        self.bert_model = BertModel(ntoken, ninp, nhead, nhid, nlayers, dropout, norm_first)
+        self.bert_model = encoder or BertModel(ntoken, ninp, nhead, nhid, nlayers, dropout,
+                                               norm_first)
+        ninp, ntoken = self.bert_model.ninp, self.bert_model.config["ntoken"]
         self.mlm_span = nn.Linear(ninp, ninp)
         self.activation = F.gelu
-        self.norm_layer = nn.LayerNorm(ninp, eps=1e-12)
+        self.norm_layer = nn.LayerNorm(ninp, eps=head_eps)
         self.mlm_head = nn.Linear(ninp, ntoken)
         for head in (self.mlm_span, self.norm_layer, self.mlm_head):
             head.apply(init_weights)
         if tie_weights:  # BERT's: the vocabulary projection is the word embedding matrix
             self.mlm_head.weight = self.bert_model.bert_embed.embed.weight
+
+    @classmethod
+    def on(cls, encoder, tie_weights=False, head_eps=1e-12):
+        """The masked-LM head, freshly initialised, on an existing encoder."""
+        return cls(*(None,) * 5, tie_weights=tie_weights, encoder=encoder, head_eps=head_eps)
 
     @property
     def tied(self):
@@ -321,15 +346,20 @@ class NextSentenceTask(nn.Module):
 class QuestionAnswerTask(nn.Module):
     """Pretrained encoder plus a span head: -> start and end logits, each (N, S).
 
+    head 'original': the original's span head, GELU then a linear layer; 'bert': BERT's
+    (and transformers' BertForQuestionAnswering), the linear layer alone.
     match_feature adds DrQA's exact-match feature: a learned embedding, added to the
     input embeddings, of match (N, S) 1 where a context word also occurs in the
     question. Without it (the original) forward's match argument is ignored.
     """
+    HEADS = ("original", "bert")
 
-    def __init__(self, bert_model, match_feature=False):
+    def __init__(self, bert_model, match_feature=False, head="original"):
         super().__init__()
-        self.bert_model = bert_model
-        self.activation = F.gelu
+        if head not in self.HEADS:
+            raise ValueError(f"head must be one of {self.HEADS}, not {head!r}")
+        self.bert_model, self.head = bert_model, head
+        self.activation = F.gelu if head == "original" else nn.Identity()
         self.qa_span = nn.Linear(bert_model.ninp, 2)
         self.qa_span.apply(init_weights)
         self.match_embed = nn.Embedding(2, bert_model.ninp) if match_feature else None

@@ -53,6 +53,10 @@ def build_parser():
     add("--match-feature", action="store_true",
         help="mark each context word that also occurs in the question with a learned input "
              "embedding (DrQA's exact-match feature); off: the original model")
+    add("--qa-head", type=str, default="original", choices=QuestionAnswerTask.HEADS,
+        help="the span head: 'original', GELU then a linear layer (the original example's); "
+             "'bert', the linear layer alone (BERT's, which transformers' "
+             "BertForQuestionAnswering computes, so the model can be exported)")
     add("--random-init", action="store_true",
         help="take only the sizes from --bert-model and start from random weights (the "
              "baseline that shows what pretraining brings)")
@@ -142,10 +146,7 @@ def predict(args):
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     ckpt = checkpoint.load(args.save, "qa_task")
     checkpoint.check_fit(ckpt, args.save, ckpt["config"], vocab.fingerprint)  # the vocabulary
-    raw = QuestionAnswerTask(BertModel(**ckpt["config"]),
-                             match_feature="match_embed.weight" in ckpt["model"])
-    raw.load_state_dict(ckpt["model"])
-    raw.to(ctx.device)
+    raw = checkpoint.build(ckpt).to(ctx.device)
     if not args.doc_stride:
         args.doc_stride = max(1, args.bptt // 2)  # a long context is read whole, in windows
     reader = squad.Evaluator(paragraphs, args, tokenizer, vocab, ctx)
@@ -181,7 +182,8 @@ def main(args):
     tokenizer, vocab = data.Tokenizer(), data.Vocab.load(args.save_vocab)
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     recorder = train.recorder(args, ctx)
-    raw = QuestionAnswerTask(encoder(args, vocab, ctx), match_feature=args.match_feature)
+    raw = QuestionAnswerTask(encoder(args, vocab, ctx), match_feature=args.match_feature,
+                             head=args.qa_head)
     model = train.prepare_model(raw, args, ctx)
 
     if args.cloze_dir is not None:

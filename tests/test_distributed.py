@@ -72,7 +72,7 @@ def test_qa_under_torchrun_matches_one_process(tmp_path):
                            "--master_port", str(dist.free_port()), str(ROOT / "qa_task.py"), *qa,
                            "--batch_size", "8", "--save", "two.pt", "--predictions", "two.json"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
     assert proc.stdout.count("| end of epoch") == 1  # rank 0 alone prints
     assert _max_diff(_weights(tmp_path / "one.pt"), _weights(tmp_path / "two.pt")) < 1e-5
     assert (tmp_path / "one.json").read_text() == (tmp_path / "two.json").read_text()

@@ -1,0 +1,86 @@
+"""Write a model trained here as a transformers folder (config.json, model.safetensors).
+
+    python export.py --model mlm_bert.pt --out bert_hf/              # the encoder: BertModel
+    python export.py --model full_mlm_model.pt --out mlm_hf/         # BertForMaskedLM
+    python export.py --model ns_model.pt --out ns_hf/                # BertForNextSentencePrediction
+    python export.py --model qa_model.pt --out qa_hf/                # BertForQuestionAnswering
+
+then, in Python, `transformers.AutoModel.from_pretrained("bert_hf")` (or the class named
+above). The folder's outputs equal this project's model within 1e-5; `--check` (needs
+transformers) loads the folder with transformers and measures it. A model whose head
+transformers does not compute (the original's QA head, --match-feature, pre-LayerNorm
+layers) is refused, never written.
+
+The vocabulary: this project's `basic_english` vocabulary (--save-vocab) has no
+transformers tokenizer, so the folder holds the model without one, and the ids must
+come from this project's tokenizer. A WordPiece vocab.txt is copied with the tokenizer's
+settings.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import data
+import hf
+import utils
+
+
+def parse(argv=None):
+    p = utils.Parser(description=__doc__.split("\n")[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a checkpoint of this project: an encoder (mlm_bert.pt, ns_bert.pt) or a "
+                        "task model (full_mlm_model.pt, ns_model.pt, qa_model.pt)")
+    p.add_argument("--save-vocab", default="torchtext_bert_vocab.pt",
+                   help="the vocabulary the model was trained with")
+    p.add_argument("--out", required=True, help="the folder to write (created if missing)")
+    p.add_argument("--check", action="store_true",
+                   help="load the written folder with transformers and compare its outputs "
+                        "with this project's on a random batch")
+    return p.parse_args(argv)
+
+
+def check(model, out):
+    """Max abs difference between our model's outputs and transformers' on a random batch."""
+    import transformers
+    arch = hf.export_state(model)[0]
+    kw = dict(add_pooling_layer=False) if arch == "BertModel" else {}
+    theirs, info = getattr(transformers, arch).from_pretrained(out, output_loading_info=True, **kw)
+    missing = list(info["missing_keys"]) + list(info["unexpected_keys"])
+    if missing:
+        raise utils.UserError(f"transformers loaded {out} with weights missing or unused: {missing}")
+    ntoken = model.config["ntoken"] if arch == "BertModel" else model.bert_model.config["ntoken"]
+    ids = torch.randint(0, ntoken, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, out = model.eval()(ids), theirs.eval()(input_ids=ids)
+    if arch == "BertModel":
+        pairs = [(ours, out.last_hidden_state)]
+    elif arch == "BertForQuestionAnswering":
+        pairs = [(ours[0], out.start_logits), (ours[1], out.end_logits)]
+    else:
+        pairs = [(ours, out.logits)]
+    return max((a - b).abs().max().item() for a, b in pairs)
+
+
+def main(argv=None):
+    a = parse(argv)
+    vocab = data.Vocab.load(a.save_vocab)
+    ckpt = checkpoint.load(a.model, ("encoder", "mlm_task", "ns_task", "qa_task"))
+    checkpoint.check_fit(ckpt, a.model, ckpt["config"], vocab.fingerprint)  # the vocabulary
+    model = checkpoint.build(ckpt)
+    arch = hf.write_folder(model, a.out)
+    print(f"| wrote {arch} to {a.out} (config.json, model.safetensors)")
+    print(f"| no tokenizer files: transformers has no basic_english tokenizer; token ids must "
+          f"come from this project's tokenizer and {a.save_vocab}")
+    if a.check:
+        print(f"| transformers computes the same: max abs difference {check(model, a.out):.2e}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (utils.UserError, data.DataError) as e:
+        sys.exit(f"export.py: error: {e}")
