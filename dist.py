@@ -12,6 +12,7 @@ rows is cut into `world` contiguous slices, rank r takes slice r, so a job of an
 trains on the same global batches.
 """
 import datetime
+import gc
 import os
 import re
 import socket
@@ -213,4 +214,7 @@ def _run(main, args, errors, prog):
         sys.exit(1)
     finally:
         if tdist.is_initialized():
+            # Free what main left (DDP's reducer holds the process group) while the group
+            # and the interpreter are alive: freed at exit instead, gloo's threads may abort.
+            gc.collect()
             tdist.destroy_process_group()
