@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+import hf
+import wordpiece
 from model import BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask
 from utils import UserError
 
@@ -113,10 +115,18 @@ def load(path, kind, map_location="cpu"):
 
 
 def load_encoder(path, vocab, dropout=None):
-    """Rebuild a BertModel from an encoder checkpoint, refusing a vocabulary mismatch."""
-    ckpt = load(path, "encoder")
+    """Rebuild a BertModel from an encoder checkpoint, or from a transformers BERT folder
+    (hf.py), refusing a vocabulary mismatch."""
+    if Path(path).is_dir():
+        imported = hf.read_folder(path)
+        if imported.vocab_file is None or wordpiece.load_vocab(
+                imported.vocab_file, imported.lower_case).fingerprint != vocab.fingerprint:
+            raise UserError(f"{path} holds no vocab.txt, or another vocabulary than the one loaded")
+        ckpt = dict(config=imported.config, model=imported.encoder.state_dict())
+    else:
+        ckpt = load(path, "encoder")
     config = dict(ckpt["config"])
-    if ckpt["vocab_fingerprint"] != vocab.fingerprint or config["ntoken"] != len(vocab):
+    if ckpt.get("vocab_fingerprint", vocab.fingerprint) != vocab.fingerprint or config["ntoken"] != len(vocab):
         raise UserError(f"{path} was trained with another vocabulary ({config['ntoken']} tokens) "
                         f"than the one loaded ({len(vocab)} tokens); pass the --save-vocab file "
                         "written with that model")

@@ -8,6 +8,7 @@ corpus gives the same token ids either way. Nothing here knows about the model.
 import collections
 import hashlib
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +29,21 @@ BACKEND = "torchtext" if HAS_TORCHTEXT else "builtin"
 SPECIALS = ["<unk>", "<pad>", "<MASK>", "<cls>", "<sep>"]
 UNK, PAD, MASK, CLS, SEP = range(len(SPECIALS))
 VOCAB_HEADER = "# bert-example vocabulary v1"
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The ids of the special tokens, by role; words have ids from first_word on (BERT's
+    masking draws its random words there)."""
+    unk: int
+    pad: int
+    mask: int
+    cls: int
+    sep: int
+    first_word: int
+
+
+BASIC_ROLES = Roles(UNK, PAD, MASK, CLS, SEP, len(SPECIALS))  # this project's word vocabulary
 
 
 class DataError(Exception):
@@ -102,22 +118,29 @@ def _align(text, tok, pos):
 # --------------------------------------------------------------------------- vocabulary
 
 class Vocab:
-    """Token <-> id map with the specials first; unknown tokens map to <unk>.
+    """Token <-> id map; unknown tokens map to the unknown token's id.
 
-    Backed by a torchtext.vocab.Vocab where torchtext imports (backend 'torchtext'),
-    by a dict otherwise ('builtin'); both give the same ids.
+    This project's word vocabulary (basic_english) has the specials first, in SPECIALS'
+    order, and is backed by a torchtext.vocab.Vocab where torchtext imports (backend
+    'torchtext'), by a dict otherwise ('builtin'); both give the same ids. Another
+    vocabulary (wordpiece.py's) gives its own roles and a tag for its fingerprint.
+
+    fingerprint: sha256 of the tokens (and the tag), which checkpoints keep, so that a
+    model is never used with another vocabulary or tokenizer.
     """
 
-    def __init__(self, itos, backend=BACKEND):
+    def __init__(self, itos, backend=BACKEND, roles=None, tag=""):
         self.itos = list(itos)
-        if self.itos[:len(SPECIALS)] != SPECIALS:
+        if roles is None and self.itos[:len(SPECIALS)] != SPECIALS:
             raise DataError(f"vocabulary must start with the specials {SPECIALS}")
+        self.roles = roles or BASIC_ROLES
         self.stoi = {tok: i for i, tok in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise DataError("vocabulary has a token twice")
-        self.fingerprint = hashlib.sha256("\n".join(self.itos).encode()).hexdigest()
+        digest = hashlib.sha256("\n".join(self.itos).encode()).hexdigest()
+        self.fingerprint = f"{tag}:{digest}" if tag else digest
         self._tt = None
-        if backend == "torchtext":
+        if backend == "torchtext" and roles is None:
             self._tt = _tt_vocab(collections.OrderedDict((t, 1) for t in self.itos), min_freq=1)
             self._tt.set_default_index(UNK)
 
@@ -125,13 +148,13 @@ class Vocab:
         return len(self.itos)
 
     def __getitem__(self, token):
-        return self.stoi.get(token, UNK)
+        return self.stoi.get(token, self.roles.unk)
 
     def lookup_indices(self, tokens):
         if self._tt is not None:
             return self._tt.lookup_indices(list(tokens))
-        get = self.stoi.get
-        return [get(t, UNK) for t in tokens]
+        get, unk = self.stoi.get, self.roles.unk
+        return [get(t, unk) for t in tokens]
 
     @classmethod
     def build(cls, token_lists, backend=BACKEND):
@@ -191,12 +214,12 @@ def mlm_blocks(ids, batch_size, bptt, split="train"):
     return ids[:num * per_batch].view(num, batch_size, bptt)
 
 
-def add_cls(block):
-    """(N, S) -> (N, S+1) with <cls> in front of every row."""
-    return torch.cat([torch.full_like(block[:, :1], CLS), block], dim=1)
+def add_cls(block, cls=CLS):
+    """(N, S) -> (N, S+1) with <cls> (the id cls) in front of every row."""
+    return torch.cat([torch.full_like(block[:, :1], cls), block], dim=1)
 
 
-def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None):
+def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None, roles=BASIC_ROLES):
     """Choose masked positions per token and corrupt them.
 
     tokens (N, S) -> inputs (N, S), masked (N, S) bool, targets (M,) = tokens[masked].
@@ -205,7 +228,7 @@ def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None):
     original); mode 'bert' writes <MASK> at 80%, a random word at 10%, keeps 10%.
     At least one position per batch is masked so the loss is always defined.
     """
-    maskable = (tokens == UNK) | (tokens >= len(SPECIALS))
+    maskable = (tokens == roles.unk) | (tokens >= roles.first_word)
     draw = torch.rand(tokens.shape, generator=generator, device=tokens.device)
     masked = (draw < mask_frac) & maskable
     if not masked.any():
@@ -217,12 +240,12 @@ def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None):
     targets = tokens[masked]
     inputs = tokens.clone()
     if mode == "mask":
-        inputs[masked] = MASK
+        inputs[masked] = roles.mask
     else:
         rule = torch.rand(tokens.shape, generator=generator, device=tokens.device)
-        inputs[masked & (rule < 0.8)] = MASK
+        inputs[masked & (rule < 0.8)] = roles.mask
         swap = masked & (rule >= 0.8) & (rule < 0.9)
-        randoms = torch.randint(len(SPECIALS), vocab_size, tokens.shape,
+        randoms = torch.randint(roles.first_word, vocab_size, tokens.shape,
                                 generator=generator, device=tokens.device)
         inputs[swap] = randoms[swap]
     return inputs, masked, targets
@@ -280,15 +303,15 @@ class Batches:
 
 # --------------------------------------------------------------------------- next sentence
 
-def pack_pair(a, b, bptt, out_ids, out_types):
+def pack_pair(a, b, bptt, out_ids, out_types, roles=BASIC_ROLES):
     """Write <cls> a <sep> b <sep>, cut to bptt+1 tokens, into out_ids / out_types (rows
     pre-filled with <pad> / 1); token type 0 for <cls>, A and the first <sep>."""
-    seq = np.concatenate([[CLS], a, [SEP], b, [SEP]])[:bptt + 1]
+    seq = np.concatenate([[roles.cls], a, [roles.sep], b, [roles.sep]])[:bptt + 1]
     out_ids[:len(seq)] = seq
     out_types[:min(len(a) + 2, bptt + 1)] = 0
 
 
-def ns_pairs(ids, offsets, min_sentence_len, frac_ns, bptt, generator):
+def ns_pairs(ids, offsets, min_sentence_len, frac_ns, bptt, generator, roles=BASIC_ROLES):
     """Next-sentence examples from the lines of a corpus, as the original built them.
 
     Every line with at least max(2, min_sentence_len) tokens is split at a random point
@@ -312,7 +335,7 @@ def ns_pairs(ids, offsets, min_sentence_len, frac_ns, bptt, generator):
     partner[negatives] = (negatives + shift) % n
     labels = np.ones(n, dtype=np.int64)
     labels[negatives] = 0
-    inputs = np.full((n, bptt + 1), PAD, dtype=np.int64)
+    inputs = np.full((n, bptt + 1), roles.pad, dtype=np.int64)
     types = np.ones((n, bptt + 1), dtype=np.int64)
     for i in range(n):
         a = ids[starts[i]:starts[i] + cut[i]]
@@ -321,5 +344,5 @@ def ns_pairs(ids, offsets, min_sentence_len, frac_ns, bptt, generator):
         else:
             j = partner[i]
             b = ids[starts[j]:starts[j] + cut[j]]
-        pack_pair(a, b, bptt, inputs[i], types[i])
+        pack_pair(a, b, bptt, inputs[i], types[i], roles)
     return torch.from_numpy(inputs), torch.from_numpy(types), torch.from_numpy(labels)

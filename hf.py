@@ -196,15 +196,19 @@ def read_folder(folder):
     if "qa_outputs.weight" in theirs:
         heads["qa"] = {"qa_span.weight": theirs["qa_outputs.weight"],
                        "qa_span.bias": _take(theirs, "qa_outputs.bias", where)}
-    lower = True
-    tok_cfg = folder / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        try:
-            lower = bool(json.loads(tok_cfg.read_text(encoding="utf-8")).get("do_lower_case", True))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            pass
     vocab = folder / "vocab.txt"
-    return Imported(config, archs[0], encoder, heads, vocab if vocab.is_file() else None, lower)
+    return Imported(config, archs[0], encoder, heads, vocab if vocab.is_file() else None,
+                    lower_case(folder))
+
+
+def lower_case(folder):
+    """Whether the folder's tokenizer lower-cases (tokenizer_config.json's do_lower_case;
+    True, as BERT's uncased models, where it does not say)."""
+    try:
+        cfg = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return bool(cfg.get("do_lower_case", True))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
 
 
 def task_model(imported, kind, **head_args):

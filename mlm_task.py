@@ -21,6 +21,7 @@ import dist
 import monitor
 import train
 import utils
+import wordpiece
 from model import MAX_POSITIONS, MLMTask, count_parameters
 
 
@@ -45,6 +46,8 @@ def build_parser():
         help="'mask': every masked token becomes <MASK> (the original); "
              "'bert': 80%% <MASK>, 10%% a random word, 10%% unchanged")
     utils.add_corpus_flags(p, "WikiText2", corpus.DATASETS, "MLM")
+    add("--vocab-size", type=int, default=30522,
+        help="size of the WordPiece vocabulary trained when --vocab-file does not exist")
     add("--save-full", type=str, default="full_mlm_model.pt",
         help="where to keep the best full model (encoder and MLM head)")
     add("--loss-log", type=str, default="mlm_loss.txt", help="the loss log written at the end")
@@ -68,12 +71,26 @@ def check_args(args):
     if args.bptt + 1 > MAX_POSITIONS:
         raise utils.UserError(f"--bptt {args.bptt} plus <cls> exceeds the model's "
                               f"{MAX_POSITIONS} positions")
-    utils.check_writable(args.save, args.save_full, args.loss_log, args.save_vocab,
-                         utils.results_path(args))
+    utils.check_writable(args.save, args.save_full, args.loss_log, utils.results_path(args),
+                         args.vocab_file if args.tokenizer == "wordpiece" else args.save_vocab)
 
 
-def prepare_vocab(args, dataset, sources, tokenizer, ctx):
-    """Read --save-vocab if it exists (as the original did), else build it from train."""
+def prepare_vocab(args, dataset, sources, ctx):
+    """(tokenizer, vocab): read --save-vocab (or --vocab-file for WordPiece) if it exists,
+    as the original did, else build it from the training split and write it there."""
+    if args.tokenizer == "wordpiece":
+        if not Path(args.vocab_file).exists():
+            lines = corpus.read_lines(sources["train"][0], corpus.CORPORA[dataset].read)
+            itos = wordpiece.train_vocab(lines, args.vocab_size, not args.cased)
+            checkpoint.atomic_write_text(args.vocab_file, "\n".join(itos) + "\n", ctx.main)
+            ctx.barrier()  # written by rank 0, read by all
+            ctx.print0(f"| WordPiece vocabulary: {len(itos)} tokens trained on the {dataset} "
+                       f"train split, saved to {args.vocab_file}")
+        tokenizer = wordpiece.WordPiece(args.vocab_file, not args.cased)
+        vocab = wordpiece.load_vocab(args.vocab_file, not args.cased)
+        ctx.print0(f"| vocabulary: {len(vocab)} WordPiece tokens from {args.vocab_file}")
+        return tokenizer, vocab
+    tokenizer = data.Tokenizer()
     if Path(args.save_vocab).exists():
         vocab = data.Vocab.load(args.save_vocab)
         ctx.print0(f"| vocabulary: {len(vocab)} tokens read from {args.save_vocab}")
@@ -82,10 +99,10 @@ def prepare_vocab(args, dataset, sources, tokenizer, ctx):
         checkpoint.atomic_write_text(args.save_vocab, vocab.to_text(), ctx.main)
         ctx.print0(f"| vocabulary: {len(vocab)} tokens built from the {dataset} train split, "
                    f"saved to {args.save_vocab}")
-    return vocab
+    return tokenizer, vocab
 
 
-def mlm_loss(mask_frac, mask_mode, vocab_size, generator, ctx, train=True):
+def mlm_loss(mask_frac, mask_mode, vocab, generator, ctx, train=True):
     """loss_fn(model, block) for the Trainer (mean loss) or train.evaluate (sums).
 
     block (B * world, bptt) is the global batch: every rank draws the same masks for
@@ -95,8 +112,9 @@ def mlm_loss(mask_frac, mask_mode, vocab_size, generator, ctx, train=True):
     averages gradients over the ranks).
     """
     def loss_fn(model, block):
-        tokens = data.add_cls(block)
-        inputs, masked, _ = data.mask_tokens(tokens, mask_frac, vocab_size, mask_mode, generator)
+        tokens = data.add_cls(block, vocab.roles.cls)
+        inputs, masked, _ = data.mask_tokens(tokens, mask_frac, len(vocab), mask_mode, generator,
+                                             vocab.roles)
         mine = ctx.rows(block.size(0))
         logits = model(inputs[mine], masked_positions=masked[mine])  # (M, ntoken), M masked
         loss = F.cross_entropy(logits.float(), tokens[mine][masked[mine]], reduction="sum")
@@ -113,11 +131,10 @@ def describe(split, r):
 
 def main(args):
     check_args(args)
-    tokenizer = data.Tokenizer()
-    ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
+    ctx = dist.setup(args, f"tokenizer: {args.tokenizer} ({data.BACKEND})")
     recorder = train.recorder(args, ctx)
     sources = corpus.corpus_sources(args.dataset, corpus.dataset_dir(args.dataset, args.data_dir))
-    vocab = prepare_vocab(args, args.dataset, sources, tokenizer, ctx)
+    tokenizer, vocab = prepare_vocab(args, args.dataset, sources, ctx)
     blocks = {}
     for split, (ids, _) in corpus.load_corpus(args.dataset, sources, vocab, tokenizer,
                                             args.cache_dir, ctx.main).items():
@@ -135,13 +152,13 @@ def main(args):
     def evaluate(split):
         # The same masks at every evaluation, so valid losses compare across epochs.
         gen = torch.Generator(device=ctx.device).manual_seed((args.seed + 1) % 2**63)
-        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, len(vocab), gen, ctx, train=False)
+        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, vocab, gen, ctx, train=False)
         sums = train.evaluate(model, blocks[split], loss_fn, args, ctx)
         loss = sums["loss"] / sums["count"]
         return dict(loss=loss, ppl=utils.safe_exp(loss))
 
     task = train.Task(
-        "mlm_task", mlm_loss(args.mask_frac, args.mask_mode, len(vocab), masks, ctx),
+        "mlm_task", mlm_loss(args.mask_frac, args.mask_mode, vocab, masks, ctx),
         lambda epoch: blocks["train"], len(blocks["train"]), lambda model: evaluate("valid"),
         describe, args.save_full, vocab.fingerprint, generators=(masks,),
         train_tags=train.Task.train_tags + ("ppl",))

@@ -20,6 +20,7 @@ import data
 import dist
 import train
 import utils
+import wordpiece
 from model import MAX_POSITIONS, NextSentenceTask
 
 
@@ -57,10 +58,11 @@ def check_args(args):
     utils.check_writable(args.save, args.save_full, args.loss_log, utils.results_path(args))
 
 
-def ns_step(model, batch, reduce=True):
-    """Cross-entropy of the is-next classifier on (inputs, types, labels) (N, S+1), (N,)."""
+def ns_step(model, batch, reduce=True, pad=data.PAD):
+    """Cross-entropy of the is-next classifier on (inputs, types, labels) (N, S+1), (N,);
+    pad: the padding id."""
     inputs, types, labels = batch
-    logits = model(inputs, types, key_padding_mask=inputs == data.PAD)  # (N, 2)
+    logits = model(inputs, types, key_padding_mask=inputs == pad)  # (N, 2)
     if reduce:
         return F.cross_entropy(logits.float(), labels)
     return dict(loss=F.cross_entropy(logits.float(), labels, reduction="sum"),
@@ -77,7 +79,7 @@ def describe(split, r):
 
 def main(args):
     check_args(args)
-    tokenizer, vocab = data.Tokenizer(), data.Vocab.load(args.save_vocab)
+    tokenizer, vocab = wordpiece.from_args(args)
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     recorder = train.recorder(args, ctx)
     raw = NextSentenceTask(checkpoint.load_encoder(args.bert_model, vocab, args.dropout))
@@ -88,7 +90,8 @@ def main(args):
     def pairs(split, seed):
         ids, offsets = splits[split]
         gen = torch.Generator().manual_seed(seed)
-        tensors = data.ns_pairs(ids, offsets, args.min_sentence_len, args.frac_ns, args.bptt, gen)
+        tensors = data.ns_pairs(ids, offsets, args.min_sentence_len, args.frac_ns, args.bptt, gen,
+                                vocab.roles)
         return [t.to(ctx.device) for t in tensors]
 
     # Validation and test pairs are drawn once, so their losses compare across epochs;
@@ -105,12 +108,13 @@ def main(args):
 
     def evaluate(split):
         batches = data.Batches(*fixed[split], batch_size=args.batch_size, **ctx.shard(False))
-        sums = train.evaluate(model, batches, lambda m, b: ns_step(m, b, reduce=False), args, ctx)
+        sums = train.evaluate(model, batches, lambda m, b: ns_step(m, b, False, vocab.roles.pad), args,
+                              ctx)
         return dict(loss=sums["loss"] / sums["count"],
                     accuracy=100.0 * sums["correct"] / sums["count"])
 
     task = train.Task(
-        "ns_task", ns_step, train_batches,
+        "ns_task", lambda m, b: ns_step(m, b, pad=vocab.roles.pad), train_batches,
         data.Batches.count(counts["train"], args.batch_size, **ctx.shard(True)),
         lambda model: evaluate("valid"), describe, args.save_full, vocab.fingerprint,
         fmt=("8.5f", "5.2f"))

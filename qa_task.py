@@ -28,6 +28,7 @@ import dist
 import squad
 import train
 import utils
+import wordpiece
 from model import MAX_POSITIONS, BertModel, QuestionAnswerTask
 
 
@@ -120,9 +121,10 @@ def squad_path(args, flag, name):
     return squad.squad_file(corpus.dataset_dir("SQuAD1", args.data_dir), name)
 
 
-def qa_loss(model, w):
-    """Mean of the start and end cross-entropies (the original's loss) on Windows w."""
-    s_logits, e_logits = squad.qa_logits(model, w.input_ids, w.token_types, w.match)
+def qa_loss(model, w, pad=data.PAD):
+    """Mean of the start and end cross-entropies (the original's loss) on Windows w; pad:
+    the padding id."""
+    s_logits, e_logits = squad.qa_logits(model, w.input_ids, w.token_types, w.match, pad)
     return (F.cross_entropy(s_logits, w.start) + F.cross_entropy(e_logits, w.end)) / 2
 
 
@@ -142,7 +144,7 @@ def predict(args):
     """Answer questions with a trained model: print each answer with its score."""
     paragraphs = squad.questions_to_answer(args.question, args.context, args.context_file,
                                            args.predict_file)
-    tokenizer, vocab = data.Tokenizer(), data.Vocab.load(args.save_vocab)
+    tokenizer, vocab = wordpiece.from_args(args)
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     ckpt = checkpoint.load(args.save, "qa_task")
     checkpoint.check_fit(ckpt, args.save, ckpt["config"], vocab.fingerprint)  # the vocabulary
@@ -179,7 +181,7 @@ def main(args):
     check_args(args)
     if args.predict:
         return predict(args)
-    tokenizer, vocab = data.Tokenizer(), data.Vocab.load(args.save_vocab)
+    tokenizer, vocab = wordpiece.from_args(args)
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     recorder = train.recorder(args, ctx)
     raw = QuestionAnswerTask(encoder(args, vocab, ctx), match_feature=args.match_feature,
@@ -203,7 +205,7 @@ def main(args):
     batches = lambda epoch: data.Batches(windows, batch_size=args.batch_size, shuffle=True,
                                          seed=args.seed, epoch=epoch, **ctx.shard(True))
     task = train.Task(
-        "qa_task", qa_loss, batches, len(batches(1)), lambda model: numbers(dev(model)), describe,
+        "qa_task", lambda m, w: qa_loss(m, w, vocab.roles.pad), batches, len(batches(1)), lambda model: numbers(dev(model)), describe,
         args.save, vocab.fingerprint, select=lambda r: -r["f1"])
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)
     trainer.fit()

@@ -19,7 +19,7 @@ import metrics
 import monitor
 import train
 from corpus import download, find_file, open_text
-from data import CLS, PAD, SEP, DataError
+from data import PAD, DataError
 from utils import UserError
 
 SQUAD = {"train-v1.1.json": "981b29407e0affa3b1b156f72073b945",
@@ -136,7 +136,7 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
     Returns (examples, windows): examples[k] = dict(id, context, answers, spans, gold);
     windows: a Windows, one row per window. show: print progress.
     """
-    examples, rows = [], []
+    examples, rows, roles = [], [], vocab.roles
     shown = monitor.Progress("preparing SQuAD windows", sum(len(p["qas"]) for p in paragraphs),
                              "questions", enabled=show)
     for para in paragraphs:
@@ -166,7 +166,7 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
                 if training and not inside and doc_stride:
                     target = (0, 0)  # BERT: a window without the answer points at <cls>
                 if not (training and target[0] < 0):
-                    rows.append((k, [CLS] + q_ids + [SEP] + window + [SEP], ctx_start, w,
+                    rows.append((k, [roles.cls] + q_ids + [roles.sep] + window + [roles.sep], ctx_start, w,
                                  len(window), target, ctx_match[w:w + budget]))
                 if step is None or w + budget >= len(ctx_ids):
                     break
@@ -174,7 +174,7 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
             shown.update()
     shown.close()
     n = len(rows)
-    input_ids = torch.full((n, bptt), PAD, dtype=torch.long)
+    input_ids = torch.full((n, bptt), roles.pad, dtype=torch.long)
     types = torch.ones((n, bptt), dtype=torch.long)
     match = torch.zeros((n, bptt), dtype=torch.long)
     meta = torch.zeros((n, 6), dtype=torch.long)
@@ -212,9 +212,9 @@ def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
 
 # --------------------------------------------------------------------------- scoring
 
-def qa_logits(model, inputs, types, match):
-    """(N, S) -> start, end logits (N, S) with padding never chosen."""
-    pad = inputs == PAD
+def qa_logits(model, inputs, types, match, pad_id=PAD):
+    """(N, S) -> start, end logits (N, S) with padding (pad_id) never chosen."""
+    pad = inputs == pad_id
     start, end = model(inputs, types, key_padding_mask=pad, match=match)
     return start.float().masked_fill(pad, -1e4), end.float().masked_fill(pad, -1e4)
 
@@ -250,7 +250,8 @@ class Evaluator:
         decoded = []
 
         def step(model, w):
-            s_logits, e_logits = qa_logits(model, w.input_ids, w.token_types, w.match)
+            s_logits, e_logits = qa_logits(model, w.input_ids, w.token_types, w.match,
+                                           self.vocab.roles.pad)
             best, s, e, total = best_spans(s_logits, e_logits, w.ctx_start, w.window_len,
                                            self.args.max_answer_len, with_total=True)
             decoded.append(torch.stack([best, s, e, s_logits.argmax(1), e_logits.argmax(1),

@@ -42,6 +42,14 @@ def base_parser(description, **defaults):
     add("--save-vocab", type=str, default="torchtext_bert_vocab.pt",
         help="vocabulary file (plain text, one token per line): read if it exists, else built "
              "from the training split and written here")
+    add("--tokenizer", type=str, default="basic_english", choices=["basic_english", "wordpiece"],
+        help="basic_english: the original's words with the --save-vocab vocabulary; wordpiece: "
+             "BERT's WordPiece with --vocab-file (needs `pip install tokenizers`)")
+    add("--vocab-file", type=str, default="vocab.txt",
+        help="the WordPiece vocabulary of --tokenizer wordpiece, a BERT vocab.txt (one token a "
+             "line); mlm_task.py trains one on the training split when it does not exist")
+    add("--cased", action="store_true",
+        help="WordPiece without lower-casing and accent stripping (a cased vocabulary)")
     add("--parallel", type=str, default="None", choices=["None", "DDP"],
         help="'DDP' trains with DistributedDataParallel; under plain python it starts "
              "--world_size processes on this machine (torchrun and srun start their own)")
