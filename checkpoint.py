@@ -126,6 +126,7 @@ def load_encoder(path, vocab, dropout=None):
     else:
         ckpt = load(path, "encoder")
     config = dict(ckpt["config"])
+    check_tokenizer(ckpt.get("vocab_fingerprint", vocab.fingerprint), vocab.fingerprint, path)
     if ckpt.get("vocab_fingerprint", vocab.fingerprint) != vocab.fingerprint or config["ntoken"] != len(vocab):
         raise UserError(f"{path} was trained with another vocabulary ({config['ntoken']} tokens) "
                         f"than the one loaded ({len(vocab)} tokens); pass the --save-vocab file "
@@ -137,8 +138,20 @@ def load_encoder(path, vocab, dropout=None):
     return model
 
 
+def check_tokenizer(theirs, mine, path):
+    """Refuse a checkpoint made with another tokenizer, naming it (a fingerprint starts
+    with the tokenizer's name, but basic_english's)."""
+    kind = lambda fp: fp.split(":")[0] if ":" in fp else "basic_english"
+    if kind(theirs) != kind(mine):
+        flag = "wordpiece" if kind(theirs).startswith("wordpiece") else "basic_english"
+        cased = " --cased" if kind(theirs).endswith("-cased") else ""
+        raise UserError(f"{path} was trained with the {kind(theirs)} tokenizer, and this run uses "
+                        f"{kind(mine)}; pass --tokenizer {flag}{cased}")
+
+
 def check_fit(ckpt, path, config, vocab_fingerprint):
-    """Refuse a checkpoint made for another vocabulary or other model sizes."""
+    """Refuse a checkpoint made for another tokenizer, vocabulary or model sizes."""
+    check_tokenizer(ckpt["vocab_fingerprint"], vocab_fingerprint, path)
     if ckpt["vocab_fingerprint"] != vocab_fingerprint:
         raise UserError(f"{path} was trained with another vocabulary than the one loaded; "
                         "pass the matching --save-vocab file")

@@ -45,3 +45,21 @@ def test_squad_paragraph_ids_agree():
         if backend == "builtin":
             expected = (ids, spans)
         assert (ids, spans) == expected
+
+
+def test_wordpiece_ids_agree(tmp_path):
+    """torchtext's BERTTokenizer and the tokenizers library give the same WordPiece ids on
+    WikiText and SQuAD text, uncased and cased."""
+    pytest.importorskip("tokenizers")
+    import wordpiece
+    lines = TEXTS * 3 + [" ".join(WORDS)] * 3
+    for lower in (True, False):
+        itos = wordpiece.train_vocab(lines, 300, lower_case=lower)
+        path = tmp_path / f"vocab_{lower}.txt"
+        path.write_text("\n".join(itos) + "\n", encoding="utf-8")
+        vocab = wordpiece.load_vocab(path, lower)
+        ours = wordpiece.WordPiece(path, lower, backend="builtin")
+        theirs = wordpiece.WordPiece(path, lower, backend="torchtext")
+        for text in TEXTS:
+            assert vocab.lookup_indices(ours(text)) == vocab.lookup_indices(theirs(text)), text
+            assert any("##" in t for t in ours(text)) or len(ours(text)) < 3
