@@ -22,7 +22,7 @@ import monitor
 import train
 import utils
 import wordpiece
-from model import MAX_POSITIONS, MLMTask, count_parameters
+from model import MAX_POSITIONS, BertModel, MLMTask, count_parameters
 
 
 def build_parser():
@@ -38,6 +38,10 @@ def build_parser():
         help="pre-LayerNorm encoder layers (LayerNorm before attention and FFN, one after the "
              "last layer) instead of BERT's and the original's post-LayerNorm ones. Stored in "
              "the checkpoint: ns_task.py and qa_task.py follow it")
+    add("--layer-norm-eps", type=float, default=1e-5,
+        help="epsilon of the encoder's LayerNorms: the original's 1e-5, or BERT's 1e-12, which "
+             "its masked-LM head has too (export.py writes the masked-LM model of the latter "
+             "only). Stored in the checkpoint")
     add("--tie-weights", action="store_true",
         help="use the word embeddings as the masked-LM output projection, as BERT does (the "
              "original keeps a separate one)")
@@ -66,6 +70,8 @@ def check_args(args):
                               "which --freeze-embeddings would fix too; pass one of them")
     if not 0.0 < args.mask_frac < 1.0:
         raise utils.UserError(f"--mask_frac must be between 0 and 1, got {args.mask_frac}")
+    if not 0.0 < args.layer_norm_eps < 1.0:
+        raise utils.UserError(f"--layer-norm-eps must be between 0 and 1, got {args.layer_norm_eps}")
     if not 0.0 <= args.dropout < 1.0:
         raise utils.UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.bptt + 1 > MAX_POSITIONS:
@@ -142,8 +148,9 @@ def main(args):
                                         split).to(ctx.device)
         ctx.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
 
-    raw = MLMTask(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers, args.dropout,
-                  args.norm_first, args.tie_weights)
+    raw = MLMTask.on(BertModel(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers,
+                               args.dropout, args.norm_first, args.layer_norm_eps),
+                     args.tie_weights)
     model = train.prepare_model(raw, args, ctx, "at their random initialisation")
     ctx.print0(f"| model: {count_parameters(raw):,} parameters")
 

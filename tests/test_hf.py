@@ -201,6 +201,13 @@ def test_export_command(tmp_path):
     clash = run_script("qa_task.py", *qa, "--checkpoint", "qa_bert.pt", "--save", "x.pt",
                        cwd=tmp_path, check=False)
     assert clash.returncode == 2 and "pass --qa-head bert" in clash.stderr
+    (tmp_path / "eps").mkdir()  # BERT's epsilon: the masked-LM model exports too
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", "--layer-norm-eps", "1e-12",
+               "--tie-weights", cwd=tmp_path / "eps")
+    out = run_script("export.py", "--model", "full_mlm_model.pt", "--out", "mlm_hf", "--check",
+                     cwd=tmp_path / "eps")
+    assert "| wrote BertForMaskedLM to mlm_hf" in out.stdout
+    assert float(out.stdout.split("max abs difference ")[1].split()[0]) < 1e-5
 
 
 def test_peer_comparison_runs_both_sides(tmp_path):
