@@ -47,6 +47,19 @@ def run_script(script, *args, cwd, check=True, timeout=300):
     return proc
 
 
+def run_without(package, tmp_path, *flags):
+    """mlm_task.py on a tiny corpus, where importing package fails (an optional
+    dependency that is not installed); returns the CompletedProcess."""
+    fake = tmp_path / "fake"
+    (fake / package).mkdir(parents=True)
+    (fake / package / "__init__.py").write_text(f"raise ImportError('no {package} here')\n")
+    wt = write_wikitext(tmp_path / "wt", (100, 30, 30))
+    return subprocess.run([sys.executable, str(ROOT / "mlm_task.py"), "--data-dir", str(wt), *TINY,
+                           "--dry-run", *map(str, flags)], cwd=tmp_path,
+                          env=script_env(PYTHONPATH=str(fake)), capture_output=True, text=True,
+                          timeout=300)
+
+
 @pytest.fixture
 def wikitext(tmp_path):
     return write_wikitext(tmp_path / "wikitext")

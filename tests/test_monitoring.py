@@ -11,7 +11,7 @@ import pytest
 import data
 import monitor
 import squad
-from conftest import ROOT, TINY, run_script, script_env, write_squad, write_wikitext
+from conftest import ROOT, TINY, run_script, run_without, script_env, write_squad, write_wikitext
 
 
 class Terminal(io.StringIO):
@@ -81,14 +81,7 @@ def test_tensorboard_scalars(tmp_path):
 
 
 def test_tensorboard_missing_is_one_clear_error(tmp_path):
-    fake = tmp_path / "fake"
-    (fake / "tensorboard").mkdir(parents=True)
-    (fake / "tensorboard" / "__init__.py").write_text("raise ImportError('no tensorboard here')\n")
-    wt = write_wikitext(tmp_path / "wt", (100, 30, 30))
-    proc = subprocess.run([sys.executable, str(ROOT / "mlm_task.py"), "--data-dir", str(wt), *TINY,
-                           "--dry-run", "--tensorboard", str(tmp_path / "tb")], cwd=tmp_path,
-                          env=script_env(PYTHONPATH=str(fake)), capture_output=True, text=True,
-                          timeout=300)
+    proc = run_without("tensorboard", tmp_path, "--tensorboard", tmp_path / "tb")
     assert proc.returncode == 2
     assert "pip install tensorboard" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlm_bert.pt").exists()

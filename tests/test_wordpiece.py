@@ -2,8 +2,6 @@
 exact character spans for SQuAD, a vocabulary trained on a corpus, masking by role, the
 three scripts with --tokenizer wordpiece, and a transformers folder as --bert-model."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 import data
 import squad
 import wordpiece
-from conftest import ROOT, SQUAD_PARAGRAPHS, TINY, WORDS, run_script, script_env, write_squad, write_wikitext
+from conftest import SQUAD_PARAGRAPHS, TINY, WORDS, run_script, run_without, write_squad, write_wikitext
 
 pytest.importorskip("tokenizers")
 
@@ -99,14 +97,7 @@ def test_the_scripts_with_wordpiece(tmp_path):
 
 
 def test_without_tokenizers_one_line_names_the_install(tmp_path):
-    fake = tmp_path / "fake"
-    (fake / "tokenizers").mkdir(parents=True)
-    (fake / "tokenizers" / "__init__.py").write_text("raise ImportError('no tokenizers here')\n")
-    wt = write_wikitext(tmp_path / "wt", (100, 30, 30))
-    proc = subprocess.run([sys.executable, str(ROOT / "mlm_task.py"), "--data-dir", str(wt), *TINY,
-                           "--dry-run", "--tokenizer", "wordpiece"], cwd=tmp_path,
-                          env=script_env(PYTHONPATH=str(fake)), capture_output=True, text=True,
-                          timeout=300)
+    proc = run_without("tokenizers", tmp_path, "--tokenizer", "wordpiece")
     assert proc.returncode == 2 and "pip install tokenizers" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "vocab.txt").exists()
 
