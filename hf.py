@@ -62,7 +62,8 @@ def config_from_hf(cfg, where="config.json"):
                 nlayers=cfg["num_hidden_layers"], dropout=cfg.get("hidden_dropout_prob", 0.1),
                 layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
                 max_positions=cfg.get("max_position_embeddings", 512),
-                type_vocab_size=cfg.get("type_vocab_size", 2), activation=act)
+                type_vocab_size=cfg.get("type_vocab_size", 2), activation=act,
+                inner_dropout=False)  # BERT has no dropout inside its FFN
 
 
 def config_to_hf(config, architecture, head_eps=None, tied=True):

@@ -185,7 +185,7 @@ class TransformerEncoderLayer(nn.Module):
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="gelu",
-                 norm_first=False, eps=1e-5):
+                 norm_first=False, eps=1e-5, inner_dropout=True):
         super().__init__()
         self.norm_first = norm_first
         if activation not in ACTIVATIONS:
@@ -195,7 +195,8 @@ class TransformerEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = Dropout(dropout)
+        # The original (torch's TransformerEncoderLayer) drops inside the FFN too; BERT does not.
+        self.dropout = Dropout(dropout if inner_dropout else 0.0)
         self.dropout1 = Dropout(dropout)
         self.dropout2 = Dropout(dropout)
         self.activation = ACTIVATIONS[activation]
@@ -220,11 +221,11 @@ class BertModel(nn.Module):
     # Settings beyond the original's sizes, with their defaults; a config records one only
     # when it differs, so that checkpoints of the original's shape keep their config.
     EXTRAS = dict(norm_first=False, layer_norm_eps=1e-5, max_positions=MAX_POSITIONS,
-                  type_vocab_size=2, activation="gelu")
+                  type_vocab_size=2, activation="gelu", inner_dropout=True)
 
     def __init__(self, ntoken, ninp, nhead, nhid, nlayers, dropout=0.5, norm_first=False,
                  layer_norm_eps=1e-5, max_positions=MAX_POSITIONS, type_vocab_size=2,
-                 activation="gelu"):
+                 activation="gelu", inner_dropout=True):
         super().__init__()
         for name, value in (("ntoken", ntoken), ("ninp", ninp), ("nhead", nhead),
                             ("nhid", nhid), ("nlayers", nlayers)):
@@ -239,13 +240,13 @@ class BertModel(nn.Module):
                            nlayers=nlayers, dropout=dropout)
         given = dict(norm_first=norm_first, layer_norm_eps=layer_norm_eps,
                      max_positions=max_positions, type_vocab_size=type_vocab_size,
-                     activation=activation)
+                     activation=activation, inner_dropout=inner_dropout)
         self.config.update({k: v for k, v in given.items() if v != self.EXTRAS[k]})
         self.bert_embed = BertEmbedding(ntoken, ninp, dropout, max_positions, type_vocab_size,
                                         layer_norm_eps)
         self.layers = nn.ModuleList(
             TransformerEncoderLayer(ninp, nhead, nhid, dropout, activation, norm_first,
-                                    layer_norm_eps)
+                                    layer_norm_eps, inner_dropout)
             for _ in range(nlayers))
         # Pre-LayerNorm layers leave their sum unnormalised: one LayerNorm after the last.
         self.final_norm = nn.LayerNorm(ninp, eps=layer_norm_eps) if norm_first else None
