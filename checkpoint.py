@@ -119,18 +119,19 @@ def load_encoder(path, vocab, dropout=None):
     (hf.py), refusing a vocabulary mismatch."""
     if Path(path).is_dir():
         imported = hf.read_folder(path)
-        if imported.vocab_file is None or wordpiece.load_vocab(
-                imported.vocab_file, imported.lower_case).fingerprint != vocab.fingerprint:
-            raise UserError(f"{path} holds no vocab.txt, or another vocabulary than the one loaded")
-        ckpt = dict(config=imported.config, model=imported.encoder.state_dict())
+        if imported.vocab_file is None:
+            raise UserError(f"{path} holds no vocab.txt; a transformers BERT folder needs one")
+        fingerprint = wordpiece.load_vocab(imported.vocab_file, imported.lower_case).fingerprint
+        ckpt = dict(config=imported.config, model=imported.encoder.state_dict(),
+                    vocab_fingerprint=fingerprint)
     else:
         ckpt = load(path, "encoder")
     config = dict(ckpt["config"])
-    check_tokenizer(ckpt.get("vocab_fingerprint", vocab.fingerprint), vocab.fingerprint, path)
-    if ckpt.get("vocab_fingerprint", vocab.fingerprint) != vocab.fingerprint or config["ntoken"] != len(vocab):
+    check_tokenizer(ckpt["vocab_fingerprint"], vocab.fingerprint, path)
+    if ckpt["vocab_fingerprint"] != vocab.fingerprint or config["ntoken"] != len(vocab):
         raise UserError(f"{path} was trained with another vocabulary ({config['ntoken']} tokens) "
                         f"than the one loaded ({len(vocab)} tokens); pass the --save-vocab file "
-                        "written with that model")
+                        "(or --vocab-file) written with that model")
     if dropout is not None:
         config["dropout"] = dropout
     model = BertModel(**config)

@@ -51,10 +51,10 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def check(model, out):
-    """Max abs difference between our model's outputs and transformers' on a random batch."""
+def check(model, arch, out):
+    """Max abs difference between our model's outputs and those of transformers' arch
+    loaded from out, on a random batch."""
     import transformers
-    arch = hf.export_state(model)[0]
     kw = dict(add_pooling_layer=False) if arch == "BertModel" else {}
     theirs, info = getattr(transformers, arch).from_pretrained(out, output_loading_info=True, **kw)
     missing = list(info["missing_keys"]) + list(info["unexpected_keys"])
@@ -90,7 +90,7 @@ def main(argv=None):
         print(f"| no tokenizer files: transformers has no basic_english tokenizer; token ids must "
               f"come from this project's tokenizer and {a.save_vocab}")
     if a.check:
-        print(f"| transformers computes the same: max abs difference {check(model, a.out):.2e}")
+        print(f"| transformers computes the same: max abs difference {check(model, arch, a.out):.2e}")
 
 
 if __name__ == "__main__":

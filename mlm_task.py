@@ -92,8 +92,7 @@ def prepare_vocab(args, dataset, sources, ctx):
             ctx.barrier()  # written by rank 0, read by all
             ctx.print0(f"| WordPiece vocabulary: {len(itos)} tokens trained on the {dataset} "
                        f"train split, saved to {args.vocab_file}")
-        tokenizer = wordpiece.WordPiece(args.vocab_file, not args.cased)
-        vocab = wordpiece.load_vocab(args.vocab_file, not args.cased)
+        tokenizer, vocab = wordpiece.from_args(args)
         ctx.print0(f"| vocabulary: {len(vocab)} WordPiece tokens from {args.vocab_file}")
         return tokenizer, vocab
     tokenizer = data.Tokenizer()

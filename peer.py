@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import corpus
 import data
 import dist
+import hf
+import monitor
 import squad
 import train
 import utils
@@ -95,8 +97,7 @@ def run_peer(a, files, out):
     ctx = dist.Context()
     utils.seed_everything(a.seed)
     folder = Path(a.bert_model)
-    lower = not (folder / "tokenizer_config.json").is_file() or \
-        json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True)
+    lower = hf.lower_case(folder)
     tokenizer = wordpiece.WordPiece(folder / "vocab.txt", lower)
     vocab = wordpiece.load_vocab(folder / "vocab.txt", lower)
     model = PeerAdapter(transformers.BertForQuestionAnswering.from_pretrained(folder))
@@ -106,7 +107,8 @@ def run_peer(a, files, out):
     final = squad.Evaluator(str(files[2]), args, tokenizer, vocab, ctx)
     batches = lambda epoch: data.Batches(windows, batch_size=a.batch_size, shuffle=True,
                                          seed=a.seed, epoch=epoch)
-    opt = train.Optimizer(args, model, len(batches(1)))
+    steps = data.Batches.count(len(windows), a.batch_size)
+    opt = train.Optimizer(args, model, steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     best, best_state, log = None, None, []
     start = time.time()
@@ -120,7 +122,7 @@ def run_peer(a, files, out):
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(scaler)
             if (i + 1) % 100 == 0:
-                print(f"| peer | epoch {epoch} | {i + 1}/{len(batches(epoch))} batches | loss "
+                print(f"| peer | epoch {epoch} | {i + 1}/{steps} batches | loss "
                       f"{loss.item():.3f} | {time.time() - start:.0f} s", flush=True)
         r = holdout(model)
         log.append(dict(epoch=epoch, holdout_f1=r["f1"], holdout_exact=r["exact"]))
@@ -146,7 +148,7 @@ def run_ours(a, files, out):
            "--loss-log", out / "ours_loss.txt"]
     start = time.time()
     subprocess.run([str(c) for c in cmd], check=True)
-    records = [r for r in __import__("monitor").read_results(out / "ours_loss.jsonl")]
+    records = monitor.read_results(out / "ours_loss.jsonl")
     test = records[-1]
     epochs = [dict(epoch=r["epoch"], holdout_f1=r["f1"], holdout_exact=r["exact"])
               for r in records if r["record"] == "valid"]
