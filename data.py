@@ -220,15 +220,16 @@ def add_cls(block, cls=CLS):
 
 
 def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None, roles=BASIC_ROLES):
-    """Choose masked positions per token and corrupt them.
+    """Choose masked positions per token and corrupt them (the original's masking).
 
     tokens (N, S) -> inputs (N, S), masked (N, S) bool, targets (M,) = tokens[masked].
     Each non-special token (<unk> included) is masked with probability mask_frac, never
     <cls>, <sep>, <pad>. mode 'mask' writes <MASK> at every masked position (the
     original); mode 'bert' writes <MASK> at 80%, a random word at 10%, keeps 10%.
-    At least one position per batch is masked so the loss is always defined.
+    At least one position per batch is masked so the loss is always defined (a check
+    that reads the device once per batch, as M does).
     """
-    maskable = (tokens == roles.unk) | (tokens >= roles.first_word)
+    maskable = _maskable(tokens, roles)
     draw = torch.rand(tokens.shape, generator=generator, device=tokens.device)
     masked = (draw < mask_frac) & maskable
     if not masked.any():
@@ -237,18 +238,60 @@ def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None, role
             raise DataError("a batch has no token that can be masked")
         pick = flat[torch.randint(len(flat), (1,), generator=generator, device=tokens.device)]
         masked.view(-1)[pick] = True
-    targets = tokens[masked]
+    return _corrupt(tokens, masked, mode, vocab_size, generator, roles), masked, tokens[masked]
+
+
+def predictions_per_sequence(length, mask_frac, cap=0):
+    """BERT's number of masked positions in a sequence of `length` tokens: round(mask_frac
+    * length), at least 1, at most cap (when cap > 0; BERT's max_predictions_per_seq)."""
+    k = max(1, round(mask_frac * length))
+    return min(k, cap) if cap > 0 else k
+
+
+def mask_per_sequence(tokens, mask_frac, vocab_size, mode="mask", generator=None,
+                      roles=BASIC_ROLES, cap=0):
+    """BERT's masking: exactly P = predictions_per_sequence(S, mask_frac, cap) positions
+    per sequence, drawn uniformly without replacement among its maskable tokens (those
+    mask_tokens may mask), then corrupted as mask_tokens does.
+
+    tokens (N, S) -> inputs (N, S), index (N, P) long (ascending), valid (N, P) bool,
+    targets (N, P) = tokens at index. A sequence with fewer than P maskable tokens masks
+    all of them and its other slots are not valid (the loss ignores them). Every shape
+    follows from tokens' shape alone and nothing is read back from the device, so a GPU
+    step never waits and torch.compile sees fixed shapes. A sequence with a maskable
+    token always has a masked one: the loss is defined without a check.
+    """
+    n, s = tokens.shape
+    p = min(s, predictions_per_sequence(s, mask_frac, cap))
+    maskable = _maskable(tokens, roles)
+    draw = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    # The P smallest draws among the maskable tokens (the others are pushed past them):
+    # a uniform sample without replacement.
+    index = draw.masked_fill(~maskable, 2.0).topk(p, dim=1, largest=False).indices
+    index = index.sort(dim=1).values
+    valid = maskable.gather(1, index)
+    masked = torch.zeros_like(maskable).scatter_(1, index, valid)
+    inputs = _corrupt(tokens, masked, mode, vocab_size, generator, roles)
+    return inputs, index, valid, tokens.gather(1, index)
+
+
+def _maskable(tokens, roles):
+    """Tokens that may be masked: words and <unk>, never <cls>, <sep>, <pad>, <mask>."""
+    return (tokens == roles.unk) | (tokens >= roles.first_word)
+
+
+def _corrupt(tokens, masked, mode, vocab_size, generator, roles):
+    """tokens with the masked positions corrupted: all <MASK> ('mask'), or BERT's 80% <MASK>,
+    10% a random word, 10% unchanged ('bert')."""
     inputs = tokens.clone()
     if mode == "mask":
-        inputs[masked] = roles.mask
-    else:
-        rule = torch.rand(tokens.shape, generator=generator, device=tokens.device)
-        inputs[masked & (rule < 0.8)] = roles.mask
-        swap = masked & (rule >= 0.8) & (rule < 0.9)
-        randoms = torch.randint(roles.first_word, vocab_size, tokens.shape,
-                                generator=generator, device=tokens.device)
-        inputs[swap] = randoms[swap]
-    return inputs, masked, targets
+        return inputs.masked_fill_(masked, roles.mask)
+    rule = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    inputs.masked_fill_(masked & (rule < 0.8), roles.mask)
+    swap = masked & (rule >= 0.8) & (rule < 0.9)
+    randoms = torch.randint(roles.first_word, vocab_size, tokens.shape,
+                            generator=generator, device=tokens.device)
+    return torch.where(swap, randoms, inputs)
 
 
 class Batches:

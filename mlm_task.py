@@ -49,6 +49,14 @@ def build_parser():
     add("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
         help="'mask': every masked token becomes <MASK> (the original); "
              "'bert': 80%% <MASK>, 10%% a random word, 10%% unchanged")
+    add("--mask-draw", type=str, default="per-token", choices=["per-token", "per-sequence"],
+        help="'per-token': each token is masked with probability --mask_frac, at least one "
+             "per batch (the original); 'per-sequence': BERT's, exactly round(--mask_frac x "
+             "length) tokens per sequence (at most --max-predictions), a step whose shapes "
+             "never wait for the device, for fast GPU steps and --compile")
+    add("--max-predictions", type=int, default=0, metavar="P",
+        help="with --mask-draw per-sequence, mask at most P tokens per sequence (BERT's "
+             "max_predictions_per_seq; 0: no cap)")
     utils.add_corpus_flags(p, "WikiText2", corpus.DATASETS, "MLM")
     add("--vocab-size", type=int, default=30522,
         help="size of the WordPiece vocabulary trained when --vocab-file does not exist")
@@ -70,6 +78,11 @@ def check_args(args):
                               "which --freeze-embeddings would fix too; pass one of them")
     if not 0.0 < args.mask_frac < 1.0:
         raise utils.UserError(f"--mask_frac must be between 0 and 1, got {args.mask_frac}")
+    if args.max_predictions < 0:
+        raise utils.UserError(f"--max-predictions must be 0 (no cap) or positive, got "
+                              f"{args.max_predictions}")
+    if args.max_predictions and args.mask_draw != "per-sequence":
+        raise utils.UserError("--max-predictions caps --mask-draw per-sequence: add it")
     if not 0.0 < args.layer_norm_eps < 1.0:
         raise utils.UserError(f"--layer-norm-eps must be between 0 and 1, got {args.layer_norm_eps}")
     if not 0.0 <= args.dropout < 1.0:
@@ -107,8 +120,9 @@ def prepare_vocab(args, dataset, sources, ctx):
     return tokenizer, vocab
 
 
-def mlm_loss(mask_frac, mask_mode, vocab, generator, ctx, train=True):
-    """loss_fn(model, block) for the Trainer (mean loss) or train.evaluate (sums).
+def mlm_loss(args, vocab, generator, ctx, train=True):
+    """loss_fn(model, block) for the Trainer (mean loss) or train.evaluate (sums), masking
+    as --mask_frac, --mask-mode, --mask-draw and --max-predictions say.
 
     block (B * world, bptt) is the global batch: every rank draws the same masks for
     all of it from the same generator, then runs its own rows (ctx.rows, the sharding
@@ -116,16 +130,35 @@ def mlm_loss(mask_frac, mask_mode, vocab, generator, ctx, train=True):
     loss is normalised by the global number of masked tokens (times world, as DDP
     averages gradients over the ranks).
     """
-    def loss_fn(model, block):
+    def per_token(model, block):
         tokens = data.add_cls(block, vocab.roles.cls)
-        inputs, masked, _ = data.mask_tokens(tokens, mask_frac, len(vocab), mask_mode, generator,
-                                             vocab.roles)
+        inputs, masked, _ = data.mask_tokens(tokens, args.mask_frac, len(vocab), args.mask_mode,
+                                             generator, vocab.roles)
         mine = ctx.rows(block.size(0))
         logits = model(inputs[mine], masked_positions=masked[mine])  # (M, ntoken), M masked
         loss = F.cross_entropy(logits.float(), tokens[mine][masked[mine]], reduction="sum")
+        return loss, masked.sum(), masked[mine].sum()
+
+    def per_sequence(model, block):
+        tokens = data.add_cls(block, vocab.roles.cls)
+        inputs, index, valid, targets = data.mask_per_sequence(
+            tokens, args.mask_frac, len(vocab), args.mask_mode, generator, vocab.roles,
+            args.max_predictions)
+        mine = ctx.rows(block.size(0))
+        logits = model(inputs[mine], masked_index=index[mine])  # (B, P, ntoken)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(),
+                               targets[mine].masked_fill(~valid[mine], -100).flatten(),
+                               ignore_index=-100, reduction="sum")
+        # clamp: a batch without a maskable token gives loss 0, with no check on the host
+        return loss, valid.sum().clamp(min=1), valid[mine].sum()
+
+    draw = per_sequence if args.mask_draw == "per-sequence" else per_token
+
+    def loss_fn(model, block):
+        loss, total, mine = draw(model, block)
         if train:
-            return loss * ctx.world / masked.sum()
-        return dict(loss=loss, count=masked[mine].sum())
+            return loss * ctx.world / total
+        return dict(loss=loss, count=mine)
     return loss_fn
 
 
@@ -158,13 +191,13 @@ def main(args):
     def evaluate(split):
         # The same masks at every evaluation, so valid losses compare across epochs.
         gen = torch.Generator(device=ctx.device).manual_seed((args.seed + 1) % 2**63)
-        loss_fn = mlm_loss(args.mask_frac, args.mask_mode, vocab, gen, ctx, train=False)
+        loss_fn = mlm_loss(args, vocab, gen, ctx, train=False)
         sums = train.evaluate(model, blocks[split], loss_fn, args, ctx)
         loss = sums["loss"] / sums["count"]
         return dict(loss=loss, ppl=utils.safe_exp(loss))
 
     task = train.Task(
-        "mlm_task", mlm_loss(args.mask_frac, args.mask_mode, vocab, masks, ctx),
+        "mlm_task", mlm_loss(args, vocab, masks, ctx),
         lambda epoch: blocks["train"], len(blocks["train"]), lambda model: evaluate("valid"),
         describe, args.save_full, vocab.fingerprint, generators=(masks,),
         train_tags=train.Task.train_tags + ("ppl",))

@@ -257,15 +257,22 @@ class BertModel(nn.Module):
         self.bert_embed.embed.weight.requires_grad_(False)
 
     def forward(self, src, token_type_input=None, key_padding_mask=None, extra_embedding=None,
-                positions=None):
+                positions=None, index=None):
         """(N, S) ids -> (N, S, E); given positions (N, S) bool -> (M, E), the outputs at the M
-        True positions in row-major order. Then the last layer computes only those outputs
-        (its keys and values still come from every position): the same numbers, cheaper."""
+        True positions in row-major order; given index (N, P) long -> (N, P, E), the outputs
+        at those positions of each row. Then the last layer computes only those outputs
+        (its keys and values still come from every position): the same numbers, cheaper.
+        positions costs one read of the device (M decides the shapes); index costs none."""
         x = self.bert_embed(src, token_type_input, extra_embedding)
-        if key_padding_mask is not None and not key_padding_mask.any():
-            key_padding_mask = None  # nothing to hide: keep SDPA's fastest kernels
-        index = valid = None
-        if positions is not None and not _compiling():
+        if (key_padding_mask is not None and key_padding_mask.device.type == "cpu"
+                and not _compiling() and not key_padding_mask.any()):
+            # Nothing to hide: keep SDPA's fastest kernels. Checked on the CPU only, where
+            # reading the mask costs nothing; a GPU step does not wait for it.
+            key_padding_mask = None
+        valid = None
+        if index is not None:
+            positions = None
+        elif positions is not None and not _compiling():
             counts = positions.sum(1)
             q = int(counts.max())  # one host sync; the shapes depend on it
             if 0 < q < src.size(1):
@@ -279,7 +286,7 @@ class BertModel(nn.Module):
             x = self.final_norm(x)
         if positions is None:
             return x
-        return x[positions] if index is None else x[valid]
+        return x[positions] if valid is None else x[valid]
 
 
 class MLMTask(nn.Module):
@@ -321,9 +328,13 @@ class MLMTask(nn.Module):
         """Whether a state dict of an MLMTask was saved with tied weights."""
         return torch.equal(state["mlm_head.weight"], state["bert_model.bert_embed.embed.weight"])
 
-    def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None):
-        # (M, E) at masked positions: the vocabulary projection is the costly part
-        out = self.bert_model(src, token_type_input, key_padding_mask, positions=masked_positions)
+    def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None,
+                masked_index=None):
+        """masked_index (N, P) long instead of masked_positions -> (N, P, ntoken) logits at
+        those positions, with shapes that depend on no value (data.mask_per_sequence)."""
+        # Only at masked positions: the vocabulary projection is the costly part
+        out = self.bert_model(src, token_type_input, key_padding_mask, positions=masked_positions,
+                              index=masked_index)
         return self.mlm_head(self.norm_layer(self.activation(self.mlm_span(out))))
 
 

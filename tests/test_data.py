@@ -223,6 +223,51 @@ def test_bert_mode_80_10_10():
     assert abs(shares[0] - 0.8) < 0.01 and abs(shares[1] - 0.1) < 0.01 and abs(shares[2] - 0.1) < 0.01
 
 
+def test_per_sequence_masking_counts_positions_and_specials():
+    g = torch.Generator().manual_seed(3)
+    tokens = _batch()  # 129 tokens a row, 7 padding, <cls> and one <sep>: 120 maskable
+    maskable = tokens >= len(data.SPECIALS)
+    p = data.predictions_per_sequence(129, 0.15)
+    assert p == 19 and data.predictions_per_sequence(129, 0.15, cap=12) == 12
+    hits = torch.zeros(tokens.shape)
+    for _ in range(200):
+        inputs, index, valid, targets = data.mask_per_sequence(tokens, 0.15, 1000, "mask", g)
+        assert index.shape == valid.shape == targets.shape == (64, p)
+        assert valid.all()  # every row has more than p maskable tokens
+        assert torch.all(index[:, 1:] > index[:, :-1])  # distinct, ascending
+        assert maskable.gather(1, index).all()  # never <cls>, <sep>, <pad>
+        assert torch.equal(targets, tokens.gather(1, index))
+        masked = torch.zeros_like(maskable).scatter_(1, index, True)
+        assert torch.all(inputs[masked] == data.MASK) and torch.equal(inputs[~masked], tokens[~masked])
+        hits += masked
+    # uniform over the maskable positions: each is chosen p/120 of the time
+    assert abs((hits[maskable] / 200).mean().item() - p / 120) < 1e-6
+    # no position is favoured: per column (12,800 draws each) within 6 standard deviations
+    columns = hits.sum(0)[maskable[0]] / (64 * 200)
+    assert (columns - p / 120).abs().max().item() < 6 * (p / 120 * (1 - p / 120) / 12800) ** 0.5
+    # capped, and in BERT's 80/10/10 mode
+    inputs, index, valid, targets = data.mask_per_sequence(tokens, 0.15, 1000, "bert", g, cap=12)
+    assert index.shape == (64, 12)
+    got = inputs.gather(1, index)
+    assert (got == data.MASK).float().mean() > 0.7 and (got == targets).float().mean() > 0.05
+
+
+def test_per_sequence_masking_short_rows_and_no_device_reads():
+    tokens = data.add_cls(torch.full((3, 19), 9))
+    tokens[1, 4:] = data.PAD  # 3 maskable tokens: fewer than the 3 = round(0.15 * 20) slots?
+    tokens[2, 1:] = data.PAD  # none at all
+    inputs, index, valid, targets = data.mask_per_sequence(tokens, 0.15, 10, "mask")
+    assert valid.sum(1).tolist() == [3, 3, 0]
+    tokens[1, 3] = data.PAD  # now 2 maskable tokens, 3 slots: both masked, one slot not valid
+    inputs, index, valid, targets = data.mask_per_sequence(tokens, 0.15, 10, "mask")
+    assert valid.sum(1).tolist() == [3, 2, 0]
+    assert torch.all(inputs[1, 1:3] == data.MASK)
+    assert not (inputs[2] == data.MASK).any()
+    # the shapes come from the input's shape alone: the same for any draw
+    shapes = {tuple(data.mask_per_sequence(tokens, 0.15, 10, "bert")[1].shape) for _ in range(20)}
+    assert shapes == {(3, 3)}
+
+
 def test_at_least_one_position_is_masked():
     tokens = data.add_cls(torch.full((1, 3), 7))
     _, masked, targets = data.mask_tokens(tokens, 1e-9, 10, "mask")

@@ -55,6 +55,8 @@ def test_bad_inputs(tmp_path, wikitext):
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--nhead", "3", match="--nhead 3 must divide --emsize 32")
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--mask_frac", "1.5", match="--mask_frac")
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--emsize", "0", match="--emsize must be positive")
+    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--max-predictions", "5",
+           match="--max-predictions caps --mask-draw per-sequence")
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--save", tmp_path / "no" / "x.pt", match="does not exist")
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--batch_size", "4000", match="fewer than one batch")
     (tmp_path / "empty").mkdir()

@@ -194,3 +194,58 @@ def test_last_layer_at_masked_positions_only_changes_nothing(norm_first):
     assert torch.allclose(full, part, atol=1e-5)
     for a, b in zip(g_full, g_part):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _mask_both_ways(seed=0):
+    """A batch masked per sequence, with its masks as index (N, P) and as positions (N, S)."""
+    import data
+    g = torch.Generator().manual_seed(seed)
+    tokens = data.add_cls(torch.randint(len(data.SPECIALS), V, (4, 15), generator=g))
+    tokens[3, 10:] = data.PAD  # a row with padding
+    inputs, index, valid, targets = data.mask_per_sequence(tokens, 0.2, V, "bert", g)
+    masked = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, index, valid)
+    return tokens, inputs, index, valid, targets, masked
+
+
+def _per_sequence_loss(m, inputs, index, valid, targets):
+    logits = m(inputs, masked_index=index)
+    return F.cross_entropy(logits.flatten(0, 1), targets.masked_fill(~valid, -100).flatten())
+
+
+def test_per_sequence_and_per_token_masks_give_the_same_loss_and_gradients():
+    """Where the two masking modes select the same positions (here: those drawn per
+    sequence, given to the per-token path as positions), loss and gradients agree."""
+    tokens, inputs, index, valid, targets, masked = _mask_both_ways()
+    m = tiny()
+    results = []
+    for way in ("per-token", "per-sequence"):
+        m.zero_grad(set_to_none=True)
+        if way == "per-token":
+            loss = F.cross_entropy(m(inputs, masked_positions=masked), tokens[masked])
+        else:
+            loss = _per_sequence_loss(m, inputs, index, valid, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, atol=1e-6)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_training_step_has_no_graph_break():
+    """torch.compile takes the model's forward and the per-sequence masked-LM loss whole
+    (fullgraph=True fails on any graph break), and the compiled step trains."""
+    tokens, inputs, index, valid, targets, _ = _mask_both_ways(1)
+    m = tiny(dropout=0.1).train()
+    step = torch.compile(_per_sequence_loss, backend="aot_eager", fullgraph=True)
+    explained = torch._dynamo.explain(_per_sequence_loss)(m, inputs, index, valid, targets)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = step(m, inputs, index, valid, targets)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

@@ -51,7 +51,9 @@ def test_grad_accum_matches_the_larger_batch(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--optimizer", "adamw", "--warmup", "3",
-                                                        "--lr", "1e-3", "--compile"]])
+                                                        "--lr", "1e-3", "--compile"],
+                                   ["--mask-draw", "per-sequence", "--max-predictions", "2",
+                                    "--mask-mode", "bert", "--compile"]])
 def test_flags_run_end_to_end(tmp_path, flags):
     wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
     proc = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", *flags, cwd=tmp_path)
