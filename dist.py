@@ -40,6 +40,7 @@ class Context:
 
     def __init__(self, rank=0, world=1, local=0, device=torch.device("cpu")):
         self.rank, self.world, self.local, self.device = rank, world, local, device
+        self.control = None  # the process group of `any` (None: the default group)
 
     @property
     def main(self):
@@ -84,8 +85,14 @@ class Context:
             tdist.barrier()
 
     def any(self, flag):
-        """True on every rank when flag is true on any."""
-        return self.all_sum([float(flag)])[0] > 0 if self.world > 1 else bool(flag)
+        """True on every rank when flag is true on any. Asked at every optimizer step (has
+        a signal come?): under NCCL it travels on a CPU (gloo) group, so that asking does
+        not make the host wait for the GPU."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([float(flag)])
+        tdist.all_reduce(t, group=self.control)
+        return t.item() > 0
 
 
 def first_slurm_host(nodelist):
@@ -140,6 +147,8 @@ def setup(args, banner=""):
                                  init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                                  timeout=datetime.timedelta(seconds=args.dist_timeout))
         ctx.rank, ctx.world, ctx.local = rank, world, local
+        if use_cuda:
+            ctx.control = tdist.new_group(backend="gloo")
         ctx.print0(f"| DDP: {world} processes, backend {tdist.get_backend()}, "
                    f"rendezvous {addr}:{port}")
     ctx.print0(f"| {banner + ' | ' if banner else ''}device: {ctx.device}")
@@ -151,7 +160,7 @@ def wrap(model, args, ctx):
     """torch.compile (--compile) and DDP (when distributed) around model, whose
     parameters they share. Dropout then draws per rank."""
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=None if args.compile == "default" else args.compile)
     if not tdist.is_initialized():
         return model
     torch.manual_seed(args.seed + ctx.rank)

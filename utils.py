@@ -66,7 +66,11 @@ def base_parser(description, **defaults):
     add("--weight-decay", type=float, default=0.01, help="weight decay for --optimizer adamw")
     add("--grad-accum", type=int, default=1, metavar="K",
         help="accumulate the gradients of K batches per optimizer step")
-    add("--compile", action="store_true", help="compile the model with torch.compile")
+    add("--compile", nargs="?", const="default", default=None, metavar="MODE",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="compile the model with torch.compile; MODE 'reduce-overhead' adds CUDA graphs "
+             "(fixed shapes: mlm_task.py --mask-draw per-sequence), 'max-autotune' also tunes "
+             "the kernels")
     add("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
         help="where to train; auto takes CUDA when available")
     add("--data-dir", type=str, default=None,
