@@ -3,16 +3,20 @@ in the same run.
 
     python bench.py                          # BERT-base sizes, batch 8, seq 128, fp32
     python bench.py --amp bf16               # bf16 autocast (ours) vs transformers fp32 and bf16
-    python bench.py --device cuda --batch 64 --amp bf16
+    python bench.py --recipe --amp bf16      # the laptop recipe's sizes and optimizer
+    python bench.py --device cuda --batch 64 --amp bf16 --optimizer adamw \
+        --mask-draw per-sequence --compile   # a GPU step: MFU against the card's bf16 peak
     python bench.py --emsize 128 --nhid 512 --nlayers 2 --nhead 2   # a tiny model
 
-Prints, for a masked-LM step and a QA step (forward, backward, SGD update), the time
-per step, tokens/s, the share of the machine's peak GEMM rate (measured here first)
-and the ratio to transformers; then the data pipeline alone (MLM and QA batches/s)
-and its share of this project's step time. transformers is optional (only this
-script uses it): without it only this project's numbers are printed. The models'
-steps are timed in turns (one step of each per round), so that a machine whose speed
-drifts during the run (a shared one) weighs on all of them alike.
+Prints, for a masked-LM step and a QA step (forward, backward, optimizer update; span
+selection, recipe.py's third stage, is the QA step on other questions), the time per
+step, tokens/s, the share of the machine's peak GEMM rate (measured here first; on a GPU
+also the model FLOPs utilisation against the card's dense bf16 peak, from GPU_PEAKS)
+and the ratio to transformers; then the data pipeline alone (MLM and QA batches/s) and
+its share of this project's step time. transformers is optional (only this script uses
+it): without it only this project's numbers are printed. The models' steps are timed
+in turns (one step of each per round), so that a machine whose speed drifts during the
+run (a shared one) weighs on all of them alike.
 """
 import argparse
 import time
@@ -25,7 +29,26 @@ from model import MAX_POSITIONS, MLMTask, QuestionAnswerTask, flops_per_token
 from utils import autocast
 
 
-def parse():
+# Dense bf16 tensor-core peaks, TFLOP/s, from the vendor's data sheets: (what the device
+# name contains, the card, peak). The first match counts, so the specific names come first.
+GPU_PEAKS = (
+    ("H100 PCIe", "H100 PCIe", 756.0),
+    ("H100 NVL", "H100 NVL", 835.0),
+    ("H100", "H100 SXM", 989.4),
+    ("H200", "H200", 989.4),
+    ("GH200", "GH200", 989.4),
+    ("A100", "A100", 312.0),
+    ("L40S", "L40S", 362.1),
+    ("L40", "L40", 181.0),
+    ("L4", "L4", 121.0),
+)
+
+# The laptop recipe's step (recipe.py, docs/recipe.md): its sizes, optimizer and tied weights.
+RECIPE = dict(emsize=128, nhid=512, nlayers=2, nhead=2, vocab=28786, batch=32, seq=128,
+              optimizer="adamw", tie_weights=True, mask_mode="bert")
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--emsize", type=int, default=768)
@@ -39,8 +62,39 @@ def parse():
                    help="timed steps of each model (after one warm-up step), taken in turns")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile this project's model")
-    return p.parse_args()
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile this project's model (MODE as the tasks' --compile)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="the update of every step (adamw: fused on a GPU)")
+    p.add_argument("--tie-weights", action="store_true",
+                   help="the masked-LM output projection is the word embedding matrix")
+    p.add_argument("--mask-draw", choices=["per-token", "per-sequence"], default="per-token",
+                   help="as mlm_task.py --mask-draw: per-sequence has fixed shapes")
+    p.add_argument("--mask-mode", choices=["mask", "bert"], default="mask")
+    p.add_argument("--recipe", action="store_true",
+                   help="the laptop recipe's step: " + ", ".join(f"{k} {v}" for k, v in RECIPE.items())
+                        + " (these replace the flags above)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak, for a card GPU_PEAKS does not know")
+    a = p.parse_args(argv)
+    if a.recipe:
+        for k, v in RECIPE.items():
+            setattr(a, k, v)
+    return a
+
+
+def card_peak(device, given=None):
+    """(card, dense bf16 peak FLOP/s) of a CUDA device, or None where it is unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if given:
+        return name, given * 1e12
+    for part, card, tflops in GPU_PEAKS:
+        if part in name:
+            return card, tflops * 1e12
+    return None
 
 
 def sync(device):
@@ -82,6 +136,12 @@ def peak_gemm(device, dtype, n=2048):
     return 2 * n ** 3 / timed(lambda: a @ b, reps, device)
 
 
+def make_optimizer(model, kind, device):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=1e-3)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+
+
 def train_step(model, opt, device, amp, forward):
     def step():
         opt.zero_grad(set_to_none=True)
@@ -112,28 +172,37 @@ def main():
     tokens = a.batch * a.seq
     print(f"| device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"batch {a.batch} x seq {a.seq} | {a.nlayers} layers x {a.emsize}, {a.nhead} heads, "
-          f"{a.nhid} hidden, vocab {a.vocab} | amp {a.amp}")
+          f"{a.nhid} hidden, vocab {a.vocab}{', tied' if a.tie_weights else ''} | amp {a.amp} | "
+          f"{a.optimizer} | masks {a.mask_draw} | compile {a.compile or 'off'}")
     peak32 = peak_gemm(device, torch.float32)
     peak = peak_gemm(device, torch.bfloat16) if a.amp == "bf16" else peak32
     print(f"| peak GEMM measured: fp32 {peak32 / 1e9:.0f} GFLOP/s"
           + (f", bf16 {peak / 1e9:.0f} GFLOP/s" if a.amp == "bf16" else ""))
 
     src = data.add_cls(torch.randint(len(data.SPECIALS), a.vocab, (a.batch, a.seq - 1))).to(device)
-    inputs, masked, _ = data.mask_tokens(src, 0.15, a.vocab)
-    targets = src[masked]
+    if a.mask_draw == "per-sequence":
+        inputs, index, valid, picked = data.mask_per_sequence(src, 0.15, a.vocab, a.mask_mode)
+        masked = torch.zeros_like(src, dtype=torch.bool).scatter_(1, index, valid)
+        targets = picked.masked_fill(~valid, -100).flatten()
+        mlm_input = dict(masked_index=index)
+    else:
+        inputs, masked, targets = data.mask_tokens(src, 0.15, a.vocab, a.mask_mode)
+        mlm_input = dict(masked_positions=masked)
     labels = torch.where(masked, src, -100)
     starts = torch.randint(1, a.seq, (a.batch,), device=device)
     ends = torch.clamp(starts + 3, max=a.seq - 1)
     frac = masked.float().mean().item()
 
-    mlm = MLMTask(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, 0.1).to(device)
+    mlm = MLMTask(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, 0.1,
+                  tie_weights=a.tie_weights).to(device)
     qa = QuestionAnswerTask(mlm.bert_model).to(device)
     cfg = mlm.bert_model.config
-    run_mlm = torch.compile(mlm) if a.compile else mlm
-    run_qa = torch.compile(qa) if a.compile else qa
+    mode = None if a.compile in (None, "default") else a.compile
+    run_mlm = torch.compile(mlm, mode=mode) if a.compile else mlm
+    run_qa = torch.compile(qa, mode=mode) if a.compile else qa
 
     def ours_mlm(m):
-        return F.cross_entropy(run_mlm(inputs, masked_positions=masked).float(), targets)
+        return F.cross_entropy(run_mlm(inputs, **mlm_input).flatten(0, -2).float(), targets)
 
     def ours_qa(m):
         s, e = run_qa(inputs)
@@ -144,7 +213,7 @@ def main():
     for name, model, fwd, fpt in (
             ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
             ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        opt = make_optimizer(model, a.optimizer, device)
         runs.append((name, a.amp, train_step(model, opt, device, a.amp, fwd), fpt))
     hf = hf_models(a)
     if hf is None:
@@ -158,27 +227,38 @@ def main():
             for name, model, fwd, fpt in (
                     (f"{version}, masked LM", hf_mlm, fwd_mlm, flops_per_token(cfg, a.seq, 1.0)),
                     (f"{version}, QA", hf_qa, fwd_qa, flops_per_token(cfg, a.seq, 0.0))):
-                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+                opt = make_optimizer(model, a.optimizer, device)
                 runs.append((name, amp, train_step(model, opt, device, amp, fwd), fpt))
     times = timed_together([step for _, _, step, _ in runs], a.steps, device)
     rows = [(name, amp, t, fpt) for (name, amp, _, fpt), t in zip(runs, times)]
 
-    print(f"| {'step':42s} | {'amp':4s} | {'ms/step':>9s} | {'tokens/s':>9s} | {'of peak':>7s} | "
-          f"{'vs transformers fp32':>20s} |")
+    card = card_peak(device, a.peak_tflops)
+    if card:
+        print(f"| MFU: model FLOPs per second over the {card[0]}'s dense bf16 peak, "
+              f"{card[1] / 1e12:.0f} TFLOP/s")
+    elif device.type == "cuda":
+        print(f"| MFU: {torch.cuda.get_device_name(device)} is not in bench.GPU_PEAKS; give its "
+              "dense bf16 peak with --peak-tflops")
+    mfu_head = f" {'MFU':>5s} |" if card else ""
+    print(f"| {'step':42s} | {'amp':4s} | {'ms/step':>9s} | {'tokens/s':>9s} | {'of peak':>7s} |"
+          f"{mfu_head} {'vs transformers fp32':>20s} |")
     base = {kind: t for name, amp, t, _ in rows if name.startswith("transformers") and amp == "none"
             for kind in [name.split(", ")[1]]}
     for name, amp, t, fpt in rows:
         kind = name.split(", ")[1]
         share = fpt * tokens / t / (peak if amp == "bf16" else peak32)
         ratio = f"{base[kind] / t:.2f}x" if kind in base else "-"
-        print(f"| {name:42s} | {amp:4s} | {t * 1000:9.1f} | {tokens / t:9.0f} | {share:7.2f} | {ratio:>20s} |")
+        mfu = f" {fpt * tokens / t / card[1]:5.3f} |" if card else ""
+        print(f"| {name:42s} | {amp:4s} | {t * 1000:9.1f} | {tokens / t:9.0f} | {share:7.2f} |{mfu} "
+              f"{ratio:>20s} |")
 
     # The data pipeline alone: what a training loop does per batch besides the model.
     stream = torch.randint(len(data.SPECIALS), a.vocab, (a.batch * a.seq * 200,))
     blocks = data.mlm_blocks(stream, a.batch, a.seq - 1).to(device)
     it = iter(range(10 ** 9))
-    t_mlm = timed(lambda: data.mask_tokens(data.add_cls(blocks[next(it) % len(blocks)]), 0.15, a.vocab),
-                  50, device)
+    draw = data.mask_per_sequence if a.mask_draw == "per-sequence" else data.mask_tokens
+    t_mlm = timed(lambda: draw(data.add_cls(blocks[next(it) % len(blocks)]), 0.15, a.vocab,
+                               a.mask_mode), 50, device)
     feats = [torch.randint(0, a.vocab, (a.batch * 200, a.seq), device=device) for _ in range(2)]
     feats += [torch.randint(0, a.seq, (a.batch * 200,), device=device) for _ in range(2)]
     batches = data.Batches(*feats, batch_size=a.batch, shuffle=True)

@@ -38,3 +38,31 @@ def test_bench_runs_a_tiny_model_and_prints_its_table(tmp_path):
     else:
         rows = [line for line in out.splitlines() if line.startswith("| this project")]
         assert all(line.rstrip(" |").endswith("x") for line in rows), rows
+
+
+def test_recipe_preset_and_gpu_peaks_table():
+    a = bench.parse(["--recipe", "--emsize", "999"])
+    assert (a.emsize, a.nlayers, a.vocab, a.batch, a.optimizer, a.tie_weights) == \
+        (128, 2, 28786, 32, "adamw", True)  # the preset wins over the size flags
+    assert bench.card_peak(torch.device("cpu")) is None
+    names = {"NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe",
+             "NVIDIA H200": "H200", "NVIDIA A100-SXM4-80GB": "A100", "NVIDIA L4": "L4",
+             "NVIDIA L40S": "L40S", "NVIDIA L40": "L40"}
+    original = torch.cuda.get_device_name
+    try:
+        for name, card in names.items():
+            torch.cuda.get_device_name = lambda device=None, name=name: name
+            assert bench.card_peak(torch.device("cuda"))[0] == card
+        torch.cuda.get_device_name = lambda device=None: "Some Future GPU"
+        assert bench.card_peak(torch.device("cuda")) is None
+        assert bench.card_peak(torch.device("cuda"), 500.0)[1] == 500e12
+    finally:
+        torch.cuda.get_device_name = original
+
+
+def test_bench_runs_the_sync_free_step_with_adamw(tmp_path):
+    out = run_script("bench.py", "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
+                     "--vocab", "200", "--batch", "2", "--seq", "16", "--steps", "1", "--device",
+                     "cpu", "--mask-draw", "per-sequence", "--optimizer", "adamw", "--tie-weights",
+                     "--mask-mode", "bert", cwd=tmp_path).stdout
+    assert "adamw | masks per-sequence" in out and "| this project, masked LM" in out
