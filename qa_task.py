@@ -45,6 +45,11 @@ def build_parser():
         help="SQuAD-format file evaluated every epoch (default: dev-v1.1.json[.gz] in --data-dir)")
     add("--test-file", type=str, default=None,
         help="SQuAD-format file for the final evaluation (default: the dev file again)")
+    add("--holdout-articles", type=int, default=0, metavar="N",
+        help="keep the last N articles of the training file out of training and choose the "
+             "epoch (the model kept in --save) by F1 on them; the --test-file (or --dev-file) "
+             "is then scored once, at the end, and chooses nothing (0: choose on --dev-file, "
+             "as the original did)")
     add("--doc-stride", type=int, default=0,
         help="if > 0, read long contexts in overlapping windows this many tokens apart and take "
              "the best span of all windows (0: one window, the original)")
@@ -95,6 +100,8 @@ def check_args(args):
     if args.cloze_dir is not None:
         given = [f for f in ("train_file", "dev_file", "test_file", "predict_file")
                  if getattr(args, f) is not None]
+        if args.holdout_articles:
+            given.insert(0, "holdout_articles")
         if given or args.predict:
             raise utils.UserError(f"--cloze-dir makes its own questions; drop "
                                   f"--{(given[0] if given else 'predict').replace('_', '-')}")
@@ -107,6 +114,9 @@ def check_args(args):
             raise utils.UserError("give --context or --context-file, not both")
     utils.check_positive(args, "epochs", "batch_size", "bptt", "log_interval", "lr",
                          "max_answer_len")
+    if args.holdout_articles < 0:
+        raise utils.UserError(f"--holdout-articles must be 0 (off) or positive, got "
+                              f"{args.holdout_articles}")
     if args.doc_stride < 0:
         raise utils.UserError(f"--doc-stride must be 0 (off) or positive, got {args.doc_stride}")
     if args.bptt > MAX_POSITIONS:
@@ -191,6 +201,12 @@ def main(args):
     if args.cloze_dir is not None:
         train_paragraphs, dev_source = cloze.cloze_files(args.cloze_dir, tokenizer, args.bptt,
                                                          ctx.print0)
+    elif args.holdout_articles:
+        # Choose on held-out training articles; the dev (or test) file is scored once.
+        train_paragraphs, dev_source = squad.read_squad(
+            squad_path(args, "train_file", "train-v1.1.json"), args.holdout_articles)
+        if not args.test_file:
+            args.test_file = squad_path(args, "dev_file", "dev-v1.1.json")
     else:
         train_paragraphs = squad.read_squad(squad_path(args, "train_file", "train-v1.1.json"))
         dev_source = squad_path(args, "dev_file", "dev-v1.1.json")
@@ -199,8 +215,9 @@ def main(args):
                                              show=ctx.main)
     windows = windows.to(ctx.device)
     dev = squad.Evaluator(dev_source, args, tokenizer, vocab, ctx)
+    chooser = f"held-out articles ({args.holdout_articles})" if args.holdout_articles else "dev"
     ctx.print0(f"| train: {len(examples)} questions, {len(windows)} windows with the answer "
-               f"inside | dev: {len(dev.examples)} questions, {len(dev.windows)} windows")
+               f"inside | {chooser}: {len(dev.examples)} questions, {len(dev.windows)} windows")
 
     batches = lambda epoch: data.Batches(windows, batch_size=args.batch_size, shuffle=True,
                                          seed=args.seed, epoch=epoch, **ctx.shard(True))

@@ -43,14 +43,20 @@ def squad_file(data_dir, name, allow_download=True):
                     "--data-dir / --train-file / --dev-file")
 
 
-def read_squad(path):
+def read_squad(path, holdout=0):
     """Paragraphs of a SQuAD v1.1 file: [{'context', 'qas': [{'id', 'question',
-    'answers': [(text, char_start), ...]}]}], checked against the format."""
+    'answers': [(text, char_start), ...]}]}], checked against the format. holdout > 0:
+    (paragraphs of all articles but the last `holdout`, paragraphs of those)."""
     try:
         with open_text(path) as f:
             articles = json.load(f)["data"]
-        paragraphs = []
-        for article in articles:
+        if holdout and not 0 < holdout < len(articles):
+            raise DataError(f"{path} has {len(articles)} articles: cannot hold out {holdout} of "
+                            "them and train on the rest")
+        paragraphs, cut = [], None
+        for i, article in enumerate(articles):
+            if holdout and i == len(articles) - holdout:
+                cut = len(paragraphs)
             for para in article["paragraphs"]:
                 ctx = para["context"]
                 qas = []
@@ -71,6 +77,11 @@ def read_squad(path):
         raise DataError(f"{path} is not in the SQuAD v1.1 format (problem at {e!r})") from None
     if not paragraphs:
         raise DataError(f"{path} holds no SQuAD paragraphs")
+    if holdout:
+        if not 0 < cut < len(paragraphs):
+            raise DataError(f"{path}: the last {holdout} articles or the others have no "
+                            "paragraphs; hold out another number of articles")
+        return paragraphs[:cut], paragraphs[cut:]
     return paragraphs
 
 

@@ -175,6 +175,22 @@ def test_pipeline_mlm_ns_qa(tmp_path):
     assert all(isinstance(v, str) for v in preds.values())
     ckpt = checkpoint.load(tmp_path / "qa_model.pt", "qa_task")
     assert "qa_span.weight" in ckpt["model"]
+    # choosing on held-out training articles: the dev file is scored once, at the end
+    held = run_script("qa_task.py", "--bert-model", "ns_bert.pt", "--train-file", "train.json",
+                      "--dev-file", "dev.json", "--holdout-articles", "2", *common,
+                      "--save", "held.pt", "--predictions", "held.json", "--loss-log", "held.txt",
+                      cwd=tmp_path)
+    assert "| train: 27 questions" in held.stdout and "| held-out articles (2): 18 questions" in held.stdout
+    records = monitor.read_results(tmp_path / "held.jsonl")
+    assert [r["questions"] for r in records if r["record"] == "valid"] == [18, 18]
+    assert records[-1]["record"] == "test" and records[-1]["questions"] == 9
+    assert re.search(r"^\| End of training \| test loss", held.stdout, re.M)
+    assert sorted(json.loads((tmp_path / "held.json").read_text())) == sorted(f"d{i}" for i in range(9))
+    for n, match in (("5", "has 5 articles: cannot hold out 5"), ("-1", "must be 0 .off. or positive")):
+        bad = run_script("qa_task.py", "--bert-model", "ns_bert.pt", "--train-file", "train.json",
+                         "--dev-file", "dev.json", "--holdout-articles", n, *common,
+                         "--save", "held.pt", cwd=tmp_path, check=False)
+        assert bad.returncode == 2 and re.search(match, bad.stderr) and "Traceback" not in bad.stderr
     # a step fed the wrong file: one clear line, exit 2, nothing overwritten
     before = (tmp_path / "ns_bert.pt").read_bytes()
     bad = run_script("ns_task.py", "--bert-model", "ns_model.pt", "--dataset", "WikiText2",
