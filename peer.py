@@ -42,9 +42,9 @@ def parse(argv=None):
     add("--bert-model", required=True, help="a transformers BERT folder (config.json, weights, vocab.txt)")
     add("--squad", required=True, help="folder with SQuAD v1.1 train/dev files (or the dev split)")
     add("--out", default="runs/peer", help="folder for models, logs and results")
-    add("--epochs", type=int, default=2, help="epochs of each side")
+    add("--epochs", type=int, default=1, help="epochs of each side")
     add("--lr", type=float, default=1e-4, help="AdamW learning rate of each side")
-    add("--warmup", type=int, default=60, help="warm-up optimizer steps")
+    add("--warmup", type=int, default=50, help="warm-up optimizer steps")
     add("--batch-size", type=int, default=32, help="windows per batch")
     add("--bptt", type=int, default=128, help="tokens per window")
     add("--doc-stride", type=int, default=64, help="context tokens between windows")
@@ -55,9 +55,8 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def split_files(a, out):
-    """(train, holdout, eval) files: the training file without its last --holdout articles,
-    those articles, and the evaluation file."""
+def squad_files(a):
+    """(train, eval) files: the official ones where they exist, else the dev split."""
     official = corpus.find_file(Path(a.squad), "train-v1.1.json")
     names = (("train-v1.1.json", "dev-v1.1.json") if official else
              ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json"))
@@ -65,13 +64,7 @@ def split_files(a, out):
     if not all(found):
         sys.exit(f"peer.py: error: {a.squad} has neither train-v1.1.json + dev-v1.1.json nor "
                  "dev-split-train-v1.1.json + dev-split-eval-v1.1.json")
-    with corpus.open_text(found[0]) as f:
-        doc = json.load(f)
-    articles = doc["data"]
-    paths = (out / "train.json", out / "holdout.json")
-    for path, part in zip(paths, (articles[:-a.holdout], articles[-a.holdout:])):
-        path.write_text(json.dumps(dict(data=part, version="1.1")))
-    return (*paths, found[1], "dev" if official else "dev-split")
+    return found
 
 
 class PeerAdapter(nn.Module):
@@ -101,10 +94,11 @@ def run_peer(a, files, out):
     tokenizer = wordpiece.WordPiece(folder / "vocab.txt", lower)
     vocab = wordpiece.load_vocab(folder / "vocab.txt", lower)
     model = PeerAdapter(transformers.BertForQuestionAnswering.from_pretrained(folder))
-    _, windows = squad.squad_features(squad.read_squad(files[0]), tokenizer, vocab, a.bptt,
-                                      a.doc_stride, training=True)
-    holdout = squad.Evaluator(str(files[1]), args, tokenizer, vocab, ctx)
-    final = squad.Evaluator(str(files[2]), args, tokenizer, vocab, ctx)
+    train_paragraphs, held_out = squad.read_squad(files[0], a.holdout)
+    _, windows = squad.squad_features(train_paragraphs, tokenizer, vocab, a.bptt, a.doc_stride,
+                                      training=True)
+    holdout = squad.Evaluator(held_out, args, tokenizer, vocab, ctx)
+    final = squad.Evaluator(str(files[1]), args, tokenizer, vocab, ctx)
     batches = lambda epoch: data.Batches(windows, batch_size=a.batch_size, shuffle=True,
                                          seed=a.seed, epoch=epoch)
     steps = data.Batches.count(len(windows), a.batch_size)
@@ -114,6 +108,7 @@ def run_peer(a, files, out):
     start = time.time()
     for epoch in range(1, a.epochs + 1):
         model.train()
+        interval = 0.0
         for i, w in enumerate(batches(epoch)):
             with utils.autocast(torch.device("cpu"), a.amp):
                 s, e = squad.qa_logits(model, w.input_ids, w.token_types, w.match, vocab.roles.pad)
@@ -121,9 +116,11 @@ def run_peer(a, files, out):
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(scaler)
-            if (i + 1) % 100 == 0:
+            interval += loss.item()
+            if (i + 1) % 100 == 0:  # the mean of the interval, as qa_task.py prints it
                 print(f"| peer | epoch {epoch} | {i + 1}/{steps} batches | loss "
-                      f"{loss.item():.3f} | {time.time() - start:.0f} s", flush=True)
+                      f"{interval / 100:.3f} | {time.time() - start:.0f} s", flush=True)
+                interval = 0.0
         r = holdout(model)
         log.append(dict(epoch=epoch, holdout_f1=r["f1"], holdout_exact=r["exact"]))
         print(f"| peer | end of epoch {epoch} | holdout exact {r['exact']:.2f} | f1 {r['f1']:.2f}",
@@ -140,7 +137,7 @@ def run_ours(a, files, out):
     """qa_task.py with the same settings; returns its result dict from its results file."""
     cmd = [sys.executable, str(HERE / "qa_task.py"), "--tokenizer", "wordpiece",
            "--bert-model", a.bert_model, "--qa-head", "bert", "--train-file", files[0],
-           "--dev-file", files[1], "--test-file", files[2], "--bptt", a.bptt,
+           "--dev-file", files[1], "--holdout-articles", a.holdout, "--bptt", a.bptt,
            "--doc-stride", a.doc_stride, "--batch_size", a.batch_size, "--epochs", a.epochs,
            "--optimizer", "adamw", "--lr", a.lr, "--warmup", a.warmup, "--clip", 1.0,
            "--amp", a.amp, "--seed", a.seed, "--log-interval", 100, "--state-file", "",
@@ -160,7 +157,7 @@ def main():
     a = parse()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = split_files(a, out)
+    files = squad_files(a)
     saved = out / "peer.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     for side, fn in (("ours", run_ours), ("peer", run_peer)):

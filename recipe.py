@@ -12,14 +12,18 @@ Runs, one after another, each as its own process with its printout kept in OUT/*
                     encoder and span head of step 3)
     5. qa_task.py   the same fine-tuning from a randomly initialised encoder (the
                     baseline that shows what pretraining brings; --no-baseline skips it)
-    6. qa_task.py   that baseline once more, with its word vectors trained (QA runs
-                    with --freeze-embeddings unless --no-freeze-embeddings, and fixed
-                    random word vectors might handicap the baseline; they turn out to help)
+    6. qa_task.py   with --trainable-baseline, that baseline once more with its word
+                    vectors trained (QA runs with --freeze-embeddings unless
+                    --no-freeze-embeddings; fixed random word vectors turned out to help)
 
 SQuAD: train-v1.1.json / dev-v1.1.json (plain or .gz) in --squad when they are there;
 otherwise dev-split-train-v1.1.json / dev-split-eval-v1.1.json, a split of the
-official dev set by article (the table then says "dev-split"). Every question of the
-evaluation file is scored with the official v1.1 measure.
+official dev set by article (the table then says "dev-split"). The SQuAD steps (4-6)
+run once per seed (--seeds) from the same pretrained model. Each chooses its epoch by
+F1 on the last --holdout-articles articles of the training file, which it does not
+train on; the evaluation file chooses nothing and is scored once per run, on every
+question, with the official v1.1 measure. The table gives the mean and spread over
+the seeds, and pretraining's gain over the baseline seed by seed.
 
 OUT/results.md is rewritten after every stage: the table so far, the commands, the
 machine. A stage whose output is already in OUT (from an earlier, stopped run with the
@@ -47,7 +51,9 @@ HERE = Path(__file__).resolve().parent
 DEFAULTS = dict(emsize=128, nhid=512, nlayers=2, nhead=2, dropout=0.0, batch_size=32, bptt=128,
                 mlm_epochs=8, mlm_lr=1e-3, ns_epochs=1, ns_lr=3e-5, cloze_epochs=4,
                 qa_epochs=5, qa_lr=1e-3,
-                doc_stride=64, warmup=100, min_sentence_len=60)
+                doc_stride=64, warmup=100, min_sentence_len=60, seeds=3, holdout_articles=4)
+
+SEED = 21192391  # qa_task.py's; seed k of the SQuAD steps is SEED + k - 1
 
 
 def parse(argv=None):
@@ -59,6 +65,9 @@ def parse(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the random-initialisation QA run")
+    p.add_argument("--trainable-baseline", action="store_true",
+                   help="also run the random-initialisation baseline with its word vectors "
+                        "trained (stage 6)")
     p.add_argument("--no-match-feature", dest="match_feature", action="store_false",
                    help="fine-tune the original QA model, without qa_task.py --match-feature")
     p.add_argument("--no-freeze-embeddings", dest="freeze_embeddings", action="store_false",
@@ -80,7 +89,11 @@ def parse(argv=None):
                  qa_epochs="SQuAD epochs", qa_lr="learning rate of span selection and of SQuAD",
                  doc_stride="SQuAD window stride, in context tokens",
                  warmup="learning-rate warm-up steps of every step",
-                 min_sentence_len="next sentence: shortest line split into a pair, in tokens")
+                 min_sentence_len="next sentence: shortest line split into a pair, in tokens",
+                 seeds="runs of each SQuAD step, one seed each, from the same pretrained model",
+                 holdout_articles="last articles of the SQuAD training file kept out of "
+                                  "training to choose the epoch on (0: choose on the "
+                                  "evaluation file, which then flatters the score)")
     for name, value in DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                        help=helps[name])
@@ -121,8 +134,10 @@ def commands(a, out):
           "--loss-log", out / "ns_loss.txt", "--state-file", out / "ns_state.pt",
           "--cache-dir", out / "cache", "--resume", *pretrain_freeze]
 
-    def qa(tag, extra, freeze=a.freeze_embeddings, epochs=a.qa_epochs):
-        files = ["--train-file", train, "--dev-file", dev] if tag != "cloze" else []
+    def qa(tag, extra, freeze=a.freeze_embeddings, epochs=a.qa_epochs, seed=SEED):
+        files = (["--train-file", train, "--dev-file", dev, "--seed", seed]
+                 + (["--holdout-articles", a.holdout_articles] if a.holdout_articles else [])
+                 if tag != "cloze" else [])
         return ["qa_task.py", *common, "--bert-model", out / "ns_bert.pt", *files,
                 "--epochs", epochs, "--lr", a.qa_lr,
                 "--doc-stride", a.doc_stride, "--log-interval", 100,
@@ -136,13 +151,16 @@ def commands(a, out):
         stages.append(("cloze", qa("cloze", ["--cloze-dir", a.wikitext], epochs=a.cloze_epochs),
                        out / "cloze_loss.jsonl"))
         start = ["--checkpoint", out / "cloze_model.pt"]
-    stages.append(("qa", qa("qa", start), out / "qa_loss.jsonl"))
+    squad = [("qa", start, a.freeze_embeddings)]
     if not a.no_baseline:
-        stages.append(("qa_random", qa("qa_random", ["--random-init"]), out / "qa_random_loss.jsonl"))
-        if a.freeze_embeddings:
-            # Fixed random word vectors may handicap the baseline: also let it train them.
-            stages.append(("qa_random_trainable", qa("qa_random_trainable", ["--random-init"], False),
-                           out / "qa_random_trainable_loss.jsonl"))
+        squad.append(("qa_random", ["--random-init"], a.freeze_embeddings))
+        if a.trainable_baseline and a.freeze_embeddings:
+            squad.append(("qa_random_trainable", ["--random-init"], False))
+    for kind, extra, freeze in squad:
+        for k in range(1, a.seeds + 1):
+            tag = f"{kind}_s{k}"
+            stages.append((tag, qa(tag, extra, freeze, seed=SEED + k - 1),
+                           out / f"{tag}_loss.jsonl"))
     return [(name, [str(x) for x in argv], done) for name, argv, done in stages]
 
 
@@ -165,8 +183,18 @@ def scores(name, path):
         return {"test loss": test.get("loss"), "test accuracy": test.get("accuracy")}
     if not test:
         return {}
+    valid = [r for r in records if r["record"] == "valid"]
+    chosen = max(valid, key=lambda r: r["f1"]) if valid else {}  # the epoch the run kept
     return dict(EM=test["exact"], F1=test["f1"], questions=test["questions"], kept=test["orig_n"],
-                orig_exact=test["orig_exact"], orig_f1=test["orig_f1"])
+                orig_exact=test["orig_exact"], orig_f1=test["orig_f1"],
+                chosen_epoch=chosen.get("epoch"), chosen_f1=chosen.get("f1"))
+
+
+def spread(values):
+    """(mean, sample standard deviation; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
 
 
 def machine():
@@ -200,27 +228,44 @@ def table(results, label, a):
                     f"{fmt(r.get('F1'), '.2f')} | {r['seconds'] / 60:.1f} min |")
     frozen = a.freeze_embeddings
     first = 4 if a.cloze_epochs else 3
+    chooser = (f"epoch chosen on {a.holdout_articles} held-out training articles"
+               if a.holdout_articles else "epoch chosen on these same questions")
+    runs = lambda kind: [results[f"{kind}_s{k}"] for k in range(1, a.seeds + 1)
+                         if "F1" in results.get(f"{kind}_s{k}", {})]
     for n, key, what in ((first, "qa", "pretrained encoder"),
                          (first + 1, "qa_random", "random init (baseline)"
                           + (", fixed word vectors" if frozen else "")),
                          (first + 2, "qa_random_trainable",
                           "random init (baseline), word vectors trained")):
-        r = results.get(key)
-        if r:
-            rows.append(
-                f"| {n}. SQuAD v1.1, {what} | {label}, all "
-                f"{r.get('questions', '-')} questions: **EM {fmt(r.get('EM'), '.2f')}, F1 "
-                f"{fmt(r.get('F1'), '.2f')}**; original-style ({r.get('kept', '-')} questions): "
-                f"exact {fmt(r.get('orig_exact'), '.2f')}, F1 {fmt(r.get('orig_f1'), '.2f')} | "
-                f"{r['seconds'] / 60:.1f} min |")
-    steps = ("mlm", "ns", "cloze", "qa") if a.cloze_epochs else ("mlm", "ns", "qa")
+        rs = runs(key)
+        if not rs:
+            continue
+        f1, em = spread([r["F1"] for r in rs]), spread([r["EM"] for r in rs])
+        each = ", ".join(f"{r['F1']:.2f}" for r in rs)
+        held = ", ".join(fmt(r.get("chosen_f1"), ".2f") for r in rs)
+        minutes = ", ".join(f"{r['seconds'] / 60:.1f}" for r in rs)
+        rows.append(
+            f"| {n}. SQuAD v1.1, {what} | {label}, all {rs[0].get('questions', '-')} questions, "
+            f"{len(rs)} seed{'s' if len(rs) > 1 else ''}: **F1 {f1[0]:.2f} ± {f1[1]:.2f}**, EM "
+            f"{em[0]:.2f} ± {em[1]:.2f} (F1 of each seed: {each}; {chooser}, F1 there: {held}) | "
+            f"{minutes} min |")
+    steps = ("mlm", "ns", "cloze", "qa_s1") if a.cloze_epochs else ("mlm", "ns", "qa_s1")
     pipeline = sum(results[k]["seconds"] for k in steps if k in results)
-    rows.append(f"| pipeline (1-{first}) | | **{pipeline / 60:.1f} min** |")
-    gains = [f"F1 {results['qa'].get('F1', 0) - results[k].get('F1', 0):+.2f} points over {n}"
-             for n, k in ((first + 1, "qa_random"), (first + 2, "qa_random_trainable"))
-             if "qa" in results and k in results]
+    rows.append(f"| pipeline (1-{first}, one seed of {first}) | | **{pipeline / 60:.1f} min** |")
+    gains = []
+    for n, key in ((first + 1, "qa_random"), (first + 2, "qa_random_trainable")):
+        pairs = [(results[f"qa_s{k}"]["F1"], results[f"{key}_s{k}"]["F1"])
+                 for k in range(1, a.seeds + 1)
+                 if "F1" in results.get(f"qa_s{k}", {}) and "F1" in results.get(f"{key}_s{k}", {})]
+        if pairs:
+            mean, sd = spread([p - r for p, r in pairs])
+            gains.append(f"F1 {mean:+.2f} ± {sd:.2f} points over {n} ({len(pairs)} seeds, "
+                         "paired by seed)")
     if gains:
         rows.append(f"| pretraining's gain | {'; '.join(gains)} | |")
+    rows.append("")
+    rows.append("± is the standard deviation over the seeds of the SQuAD steps; the "
+                "pretraining (stages 1-" + str(first - 1) + ") ran once.")
     return "\n".join(rows)
 
 
@@ -241,6 +286,8 @@ def main():
     for flag, folder in (("--wikitext", a.wikitext), ("--squad", a.squad)):
         if not Path(folder).is_dir():
             sys.exit(f"recipe.py: error: {flag} {folder} is not a folder")
+    if a.seeds < 1 or a.holdout_articles < 0:
+        sys.exit("recipe.py: error: --seeds must be at least 1 and --holdout-articles at least 0")
     if a.tie_weights and a.freeze_pretraining:
         sys.exit("recipe.py: error: --freeze-pretraining would also fix the masked-LM output "
                  "projection, which is the word embedding matrix by default; add --no-tie-weights")

@@ -225,39 +225,49 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     write_squad(squad / "dev-split-eval-v1.1.json", prefix="d")
     cmd = [sys.executable, str(ROOT / "recipe.py"), "--wikitext", str(wt), "--squad", str(squad),
            "--out", str(tmp_path / "out"), "--emsize", "32", "--nhid", "64", "--nlayers", "2",
-           "--nhead", "2", "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "1", "--batch-size", "4",
-           "--bptt", "32", "--min-sentence-len", "10"]
+           "--nhead", "2", "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "2", "--batch-size", "4",
+           "--bptt", "32", "--min-sentence-len", "10", "--seeds", "2", "--holdout-articles", "1",
+           "--trainable-baseline"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     table = (tmp_path / "out" / "results.md").read_text()
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert list(results) == ["mlm", "ns", "cloze", "qa", "qa_random", "qa_random_trainable"]
+    squad_runs = [f"{k}_s{s}" for k in ("qa", "qa_random", "qa_random_trainable") for s in (1, 2)]
+    assert list(results) == ["mlm", "ns", "cloze", *squad_runs]
     assert all(r["seconds"] > 0 and r["command"].startswith(("mlm_task.py", "ns_task.py", "qa_task.py"))
                for r in results.values())
     assert 1 < results["mlm"]["test ppl"] < 1e6 and 1 < results["mlm"]["valid ppl"] < 1e6
     assert results["ns"]["test loss"] > 0 and 0 <= results["ns"]["test accuracy"] <= 100
     assert results["cloze"]["questions"] > 5  # WikiText-2 valid questions
-    for name in ("qa", "qa_random", "qa_random_trainable"):
+    for name in squad_runs:
         r = results[name]
         assert r["questions"] == 9 and 0 <= r["EM"] <= r["F1"] <= 100 and 0 <= r["kept"] <= 9
-        assert f"all 9 questions: **EM {r['EM']:.2f}, F1 {r['F1']:.2f}**" in table
-    gains = [results["qa"]["F1"] - results[k]["F1"] for k in ("qa_random", "qa_random_trainable")]
-    assert f"F1 {gains[0]:+.2f} points over 5; F1 {gains[1]:+.2f} points over 6" in table
-    records = monitor.read_results(tmp_path / "out" / "qa_loss.jsonl")
-    assert [r["record"] for r in records][-2:] == ["valid", "test"]
-    assert records[-1]["f1"] == results["qa"]["F1"]
+        assert r["chosen_epoch"] in (1, 2) and 0 <= r["chosen_f1"] <= 100
+        # chosen on the held-out article (its 9 questions), reported on the evaluation file
+        records = monitor.read_results(tmp_path / "out" / f"{name}_loss.jsonl")
+        assert [r["questions"] for r in records if r["record"] == "valid"] == [9, 9]
+        assert records[-1]["record"] == "test" and records[-1]["f1"] == r["F1"]
+        assert "--holdout-articles 1" in r["command"]
+    assert "--seed 21192391 " in results["qa_s1"]["command"] and "--seed 21192392 " in results["qa_s2"]["command"]
+    for kind, n in (("qa", 4), ("qa_random", 5), ("qa_random_trainable", 6)):
+        f1 = [results[f"{kind}_s{s}"]["F1"] for s in (1, 2)]
+        mean, sd = sum(f1) / 2, abs(f1[0] - f1[1]) / 2 ** 0.5
+        assert f"| {n}. SQuAD v1.1" in table and f"2 seeds: **F1 {mean:.2f} ± {sd:.2f}**" in table
+    gains = [results[f"qa_s{s}"]["F1"] - results[f"qa_random_s{s}"]["F1"] for s in (1, 2)]
+    assert f"F1 {sum(gains) / 2:+.2f} ± {abs(gains[0] - gains[1]) / 2 ** 0.5:.2f} points over 5" in table
+    assert "epoch chosen on 1 held-out training articles" in table
     assert "Machine:" in table and "--match-feature" in table and "--random-init" in table
-    assert table.count("--freeze-embeddings") == 3  # the QA stages 3-5; stage 6 trains them
-    assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 1
+    assert table.count("--freeze-embeddings") == 5  # the QA stages 3-5 (two seeds); 6 trains them
+    assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 2
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                            timeout=600)
-    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 6
-    longer = subprocess.run(cmd + ["--qa-epochs", "2", "--no-baseline"], cwd=tmp_path,
+    assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 9
+    longer = subprocess.run(cmd + ["--qa-epochs", "1", "--no-baseline"], cwd=tmp_path,
                             env=script_env(), capture_output=True, text=True, timeout=600)
     assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr
     assert re.findall(r"^== (\w+): done in an earlier run", longer.stdout, re.M) == ["mlm", "ns", "cloze"]
-    assert re.search(r"^== qa: python qa_task\.py .*--epochs 2", longer.stdout, re.M)
+    assert re.search(r"^== qa_s1: python qa_task\.py .*--epochs 1", longer.stdout, re.M)
     assert "--tie-weights" in table
     clash = subprocess.run(cmd + ["--freeze-pretraining"], cwd=tmp_path, env=script_env(),
                            capture_output=True, text=True, timeout=60)
