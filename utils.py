@@ -64,6 +64,11 @@ def base_parser(description, **defaults):
              "linear warm-up over --warmup steps, then linear decay to 0")
     add("--warmup", type=int, default=0, metavar="STEPS", help="warm-up steps for --optimizer adamw")
     add("--weight-decay", type=float, default=0.01, help="weight decay for --optimizer adamw")
+    add("--adamw-kernel", type=str, default="fused", choices=["fused", "default"],
+        help="AdamW's implementation: 'fused', one kernel for all parameters (on a GPU, and on "
+             "the CPU from torch 2.4; older torch takes its default there), or 'default', "
+             "torch's own choice (a loop over the parameters on the CPU): the same update, "
+             "rounded differently")
     add("--grad-accum", type=int, default=1, metavar="K",
         help="accumulate the gradients of K batches per optimizer step")
     add("--compile", nargs="?", const="default", default=None, metavar="MODE",

@@ -35,6 +35,29 @@ def test_adamw_warmup_then_linear_decay():
     assert sgd.lr == pytest.approx(0.6)  # the original's decay after an epoch without gain
 
 
+def test_fused_adamw_is_the_default_and_updates_as_the_plain_one():
+    """--adamw-kernel fused (the default, where torch has it) and default give the same
+    update up to rounding."""
+    results = {}
+    for kernel in ("fused", "default"):
+        torch.manual_seed(0)
+        model = MLMTask(50, 16, 2, 32, 2, 0.0)
+        args = argparse.Namespace(optimizer="adamw", lr=1e-2, warmup=2, weight_decay=0.01,
+                                  epochs=1, grad_accum=1, adamw_kernel=kernel)
+        opt = train.Optimizer(args, model, steps_per_epoch=10)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        src = torch.randint(5, 50, (4, 9))
+        for _ in range(10):
+            model(src).logsumexp(-1).mean().backward()
+            opt.step(scaler)
+        results[kernel] = (opt.opt.defaults["fused"], [p.detach().clone() for p in model.parameters()])
+    fused_here = train.fused_adamw(list(model.parameters()))
+    assert fused_here == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4))
+    assert results["fused"][0] == (fused_here or None) and results["default"][0] is None
+    for a, b in zip(results["fused"][1], results["default"][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_grad_accum_matches_the_larger_batch(tmp_path):
     """QA losses are means over equal-sized batches, so 2 x 4 accumulated equals 8."""
     wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
