@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import train
 from model import MAX_POSITIONS, MLMTask, QuestionAnswerTask, flops_per_token
 from utils import autocast
 
@@ -66,7 +67,9 @@ def parse(argv=None):
                    choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile this project's model (MODE as the tasks' --compile)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="the update of every step (adamw: fused on a GPU)")
+                   help="the update of every step (adamw: fused where torch has it, as in the tasks)")
+    p.add_argument("--adamw-kernel", choices=["fused", "default"], default="fused",
+                   help="as the tasks' --adamw-kernel")
     p.add_argument("--tie-weights", action="store_true",
                    help="the masked-LM output projection is the word embedding matrix")
     p.add_argument("--mask-draw", choices=["per-token", "per-sequence"], default="per-token",
@@ -136,10 +139,12 @@ def peak_gemm(device, dtype, n=2048):
     return 2 * n ** 3 / timed(lambda: a @ b, reps, device)
 
 
-def make_optimizer(model, kind, device):
-    if kind == "sgd":
+def make_optimizer(model, a):
+    if a.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=1e-3)
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    params = list(model.parameters())
+    fused = a.adamw_kernel == "fused" and train.fused_adamw(params)
+    return torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
 
 
 def train_step(model, opt, device, amp, forward):
@@ -173,7 +178,7 @@ def main():
     print(f"| device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"batch {a.batch} x seq {a.seq} | {a.nlayers} layers x {a.emsize}, {a.nhead} heads, "
           f"{a.nhid} hidden, vocab {a.vocab}{', tied' if a.tie_weights else ''} | amp {a.amp} | "
-          f"{a.optimizer} | masks {a.mask_draw} | compile {a.compile or 'off'}")
+          f"{a.optimizer}{' (' + a.adamw_kernel + ')' if a.optimizer == 'adamw' else ''} | masks {a.mask_draw} | compile {a.compile or 'off'}")
     peak32 = peak_gemm(device, torch.float32)
     peak = peak_gemm(device, torch.bfloat16) if a.amp == "bf16" else peak32
     print(f"| peak GEMM measured: fp32 {peak32 / 1e9:.0f} GFLOP/s"
@@ -213,7 +218,7 @@ def main():
     for name, model, fwd, fpt in (
             ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
             ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
-        opt = make_optimizer(model, a.optimizer, device)
+        opt = make_optimizer(model, a)
         runs.append((name, a.amp, train_step(model, opt, device, a.amp, fwd), fpt))
     hf = hf_models(a)
     if hf is None:
@@ -227,7 +232,7 @@ def main():
             for name, model, fwd, fpt in (
                     (f"{version}, masked LM", hf_mlm, fwd_mlm, flops_per_token(cfg, a.seq, 1.0)),
                     (f"{version}, QA", hf_qa, fwd_qa, flops_per_token(cfg, a.seq, 0.0))):
-                opt = make_optimizer(model, a.optimizer, device)
+                opt = make_optimizer(model, a)
                 runs.append((name, amp, train_step(model, opt, device, amp, fwd), fpt))
     times = timed_together([step for _, _, step, _ in runs], a.steps, device)
     rows = [(name, amp, t, fpt) for (name, amp, _, fpt), t in zip(runs, times)]

@@ -65,4 +65,4 @@ def test_bench_runs_the_sync_free_step_with_adamw(tmp_path):
                      "--vocab", "200", "--batch", "2", "--seq", "16", "--steps", "1", "--device",
                      "cpu", "--mask-draw", "per-sequence", "--optimizer", "adamw", "--tie-weights",
                      "--mask-mode", "bert", cwd=tmp_path).stdout
-    assert "adamw | masks per-sequence" in out and "| this project, masked LM" in out
+    assert "adamw (fused) | masks per-sequence" in out and "| this project, masked LM" in out
