@@ -63,6 +63,9 @@ def parse(argv=None):
     p.add_argument("--squad", required=True, help="folder with the SQuAD v1.1 files")
     p.add_argument("--out", default="runs/laptop", help="folder for models, logs and results")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "auto"],
+                   help="autocast of every stage: bf16, or auto: bf16 where the CPU has "
+                        "AVX-512 BF16 or AMX (or on a GPU with bf16), else fp32")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the random-initialisation QA run")
     p.add_argument("--trainable-baseline", action="store_true",
@@ -117,7 +120,8 @@ def squad_files(folder):
 def commands(a, out):
     """The stages: (name, argv, its results file, which shows that it is done)."""
     size = ["--emsize", a.emsize, "--nhid", a.nhid, "--nlayers", a.nlayers, "--nhead", a.nhead]
-    common = ["--device", a.device, "--batch_size", a.batch_size, "--bptt", a.bptt, "--optimizer", "adamw",
+    common = ["--device", a.device, "--amp", amp(a), "--batch_size", a.batch_size, "--bptt", a.bptt,
+              "--optimizer", "adamw",
               "--warmup", a.warmup, "--clip", 1.0, "--save-vocab", out / "vocab.txt"]
     train, dev, _ = squad_files(Path(a.squad))
     pretrain_freeze = ["--freeze-embeddings"] if a.freeze_embeddings and a.freeze_pretraining else []
@@ -197,6 +201,27 @@ def spread(values):
     return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
 
 
+def cpu_flags():
+    """The CPU's bf16 features, as /proc/cpuinfo names them (empty where it is not there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ("avx512_bf16", "amx_bf16") if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def amp(a):
+    """The stages' --amp: --amp, with auto resolved for this machine."""
+    if a.amp != "auto":
+        return a.amp
+    if a.device != "cpu" and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    return "bf16" if cpu_flags() else "none"
+
+
 def machine():
     cpu = platform.processor() or platform.machine()
     try:
@@ -206,7 +231,8 @@ def machine():
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+    flags = ", ".join(cpu_flags()) or "no bf16 instructions"
+    return (f"{cpu} ({flags}), {os.cpu_count()} logical cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
@@ -270,8 +296,9 @@ def table(results, label, a):
 
 
 def write_results(out, results, label, a, stages):
+    precision = "bf16 autocast" if amp(a) == "bf16" else "fp32"
     text = ["# Laptop recipe: results\n", table(results, label, a), "",
-            f"Machine: {machine()}.", "", "Commands:", ""]
+            f"Machine: {machine()}. Precision: {precision} (--amp {a.amp}).", "", "Commands:", ""]
     text += ["    python " + " ".join(argv) for _, argv, _ in stages]
     tmp = out / "results.md.tmp"
     tmp.write_text("\n".join(text) + "\n")

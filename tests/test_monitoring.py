@@ -258,6 +258,7 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     assert f"F1 {sum(gains) / 2:+.2f} ± {abs(gains[0] - gains[1]) / 2 ** 0.5:.2f} points over 5" in table
     assert "epoch chosen on 1 held-out training articles" in table
     assert "Machine:" in table and "--match-feature" in table and "--random-init" in table
+    assert "Precision: fp32 (--amp none)." in table and "--amp none" in results["mlm"]["command"]
     assert table.count("--freeze-embeddings") == 5  # the QA stages 3-5 (two seeds); 6 trains them
     assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 2
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
