@@ -167,11 +167,15 @@ class MultiheadAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if p > 0.0 and x.device.type == "cpu":
             # SDPA's CPU kernels with dropout fall back to this same computation, with
-            # the slower mask; written out, it uses the fast one.
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(e // h))
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            out = dropout(torch.softmax(scores, dim=-1), p) @ v
+            # the slower mask; written out, it uses the fast one. As there, scores,
+            # softmax and the weighted sum are fp32 even for bf16 inputs (under autocast
+            # they would be rounded to bf16 twice, doubling the error).
+            with torch.autocast("cpu", enabled=False):
+                q, k, v = q.float(), k.float(), v.float()
+                scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(e // h))
+                if attn_mask is not None:
+                    scores = scores.masked_fill(~attn_mask, float("-inf"))
+                out = dropout(torch.softmax(scores, dim=-1), p) @ v  # out_proj casts it back
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(n, s, e))

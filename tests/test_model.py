@@ -142,6 +142,21 @@ def test_attention_dropout_path_matches_sdpa_without_dropout():
     assert torch.allclose(written, mha(x, pad), atol=1e-5)
 
 
+def test_attention_dropout_path_is_as_exact_as_sdpa_under_bf16():
+    """Under bf16 autocast the written-out path computes scores and softmax in fp32, as
+    SDPA does: its error against fp32 is SDPA's, not twice it."""
+    torch.manual_seed(0)
+    mha = MultiheadAttention(96, 3, dropout=1e-9)
+    x = torch.randn(4, 64, 96) * 3
+    exact = mha(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        written = mha(x).float()
+        mha.dropout = 0.0
+        sdpa = mha(x).float()
+    err = lambda y: (y - exact).abs().mean().item()
+    assert err(written) < 1.2 * err(sdpa), (err(written), err(sdpa))
+
+
 def test_pre_layernorm_layers_follow_their_formula():
     torch.manual_seed(0)
     post = BertModel(V, E, H, FF, L, 0.0).eval()
