@@ -2,7 +2,7 @@
 in the same run.
 
     python bench.py                          # BERT-base sizes, batch 8, seq 128, fp32
-    python bench.py --amp bf16               # bf16 autocast (ours) vs transformers fp32 and bf16
+    python bench.py --amp bf16               # fp32 and bf16 autocast, ours and transformers
     python bench.py --recipe --amp bf16      # the laptop recipe's sizes and optimizer
     python bench.py --device cuda --batch 64 --amp bf16 --optimizer adamw \
         --mask-draw per-sequence --compile   # a GPU step: MFU against the card's bf16 peak
@@ -214,12 +214,14 @@ def main():
         return (F.cross_entropy(s.float(), starts) + F.cross_entropy(e.float(), ends)) / 2
 
     # (name, amp, step, flops per token): every step is timed in the same rounds.
+    # This project's steps in fp32 too when --amp bf16: the bf16 speed-up from one run.
     runs = []
-    for name, model, fwd, fpt in (
-            ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
-            ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
-        opt = make_optimizer(model, a)
-        runs.append((name, a.amp, train_step(model, opt, device, a.amp, fwd), fpt))
+    for amp in dict.fromkeys(["none", a.amp]):
+        for name, model, fwd, fpt in (
+                ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
+                ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
+            opt = make_optimizer(model, a)
+            runs.append((name, amp, train_step(model, opt, device, amp, fwd), fpt))
     hf = hf_models(a)
     if hf is None:
         print("| transformers is not installed (pip install transformers): no comparison")
@@ -257,6 +259,12 @@ def main():
         print(f"| {name:42s} | {amp:4s} | {t * 1000:9.1f} | {tokens / t:9.0f} | {share:7.2f} |{mfu} "
               f"{ratio:>20s} |")
 
+    if a.amp != "none":
+        own = {(name, amp): t for name, amp, t, _ in rows if name.startswith("this project")}
+        print("| " + a.amp + " speed-up of this project's steps over its fp32 ones: " + ", ".join(
+            f"{kind} {own[(name, 'none')] / own[(name, a.amp)]:.2f}x"
+            for name, kind in (("this project, masked LM", "masked LM"), ("this project, QA", "QA"))))
+
     # The data pipeline alone: what a training loop does per batch besides the model.
     stream = torch.randint(len(data.SPECIALS), a.vocab, (a.batch * a.seq * 200,))
     blocks = data.mlm_blocks(stream, a.batch, a.seq - 1).to(device)
@@ -268,7 +276,8 @@ def main():
     feats += [torch.randint(0, a.seq, (a.batch * 200,), device=device) for _ in range(2)]
     batches = data.Batches(*feats, batch_size=a.batch, shuffle=True)
     t_qa = timed(lambda: list(batches), 3, device) / len(batches)
-    step_mlm, step_qa = rows[0][2], rows[1][2]
+    step_mlm, step_qa = (next(t for name, amp, t, _ in rows if amp == a.amp and name.endswith(kind))
+                         for kind in ("masked LM", "QA"))
     print(f"| data pipeline: MLM {1 / t_mlm:,.0f} batches/s ({100 * t_mlm / step_mlm:.2f}% of this "
           f"project's MLM step), QA {1 / t_qa:,.0f} batches/s ({100 * t_qa / step_qa:.2f}% of its QA step)")
 

@@ -1,4 +1,5 @@
 """bench.py: the timing in turns, and a run with a tiny model."""
+import re
 import time
 
 import torch
@@ -64,5 +65,7 @@ def test_bench_runs_the_sync_free_step_with_adamw(tmp_path):
     out = run_script("bench.py", "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
                      "--vocab", "200", "--batch", "2", "--seq", "16", "--steps", "1", "--device",
                      "cpu", "--mask-draw", "per-sequence", "--optimizer", "adamw", "--tie-weights",
-                     "--mask-mode", "bert", cwd=tmp_path).stdout
+                     "--mask-mode", "bert", "--amp", "bf16", cwd=tmp_path).stdout
+    assert re.search(r"^\| bf16 speed-up of this project's steps over its fp32 ones: masked LM "
+                     r"[\d.]+x, QA [\d.]+x$", out, re.M)
     assert "adamw (fused) | masks per-sequence" in out and "| this project, masked LM" in out
