@@ -255,6 +255,10 @@ def test_compiled_training_step_has_no_graph_break():
     step = torch.compile(_per_sequence_loss, backend="aot_eager", fullgraph=True)
     explained = torch._dynamo.explain(_per_sequence_loss)(m, inputs, index, valid, targets)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+    # compiled, the last layer and the vocabulary projection still run at the P masked
+    # positions only
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    assert compiled(inputs, masked_index=index).shape == (*index.shape, V)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
