@@ -261,7 +261,7 @@ def mask_per_sequence(tokens, mask_frac, vocab_size, mode="mask", generator=None
     step never waits and torch.compile sees fixed shapes. A sequence with a maskable
     token always has a masked one: the loss is defined without a check.
     """
-    n, s = tokens.shape
+    s = tokens.size(1)
     p = min(s, predictions_per_sequence(s, mask_frac, cap))
     maskable = _maskable(tokens, roles)
     draw = torch.rand(tokens.shape, generator=generator, device=tokens.device)
