@@ -66,6 +66,12 @@ def parse(argv=None):
     p.add_argument("--amp", default="none", choices=["none", "bf16", "auto"],
                    help="autocast of every stage: bf16, or auto: bf16 where the CPU has "
                         "AVX-512 BF16 or AMX (or on a GPU with bf16), else fp32")
+    p.add_argument("--tokenizer", default="basic_english", choices=["basic_english", "wordpiece"],
+                   help="basic_english with a word vocabulary built from WikiText-2's training "
+                        "split (the original), or a WordPiece vocabulary of --vocab-size tokens "
+                        "trained on that split (needs `pip install tokenizers`)")
+    p.add_argument("--vocab-size", type=int, default=16000,
+                   help="size of the WordPiece vocabulary trained with --tokenizer wordpiece")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the random-initialisation QA run")
     p.add_argument("--trainable-baseline", action="store_true",
@@ -122,7 +128,9 @@ def commands(a, out):
     size = ["--emsize", a.emsize, "--nhid", a.nhid, "--nlayers", a.nlayers, "--nhead", a.nhead]
     common = ["--device", a.device, "--amp", amp(a), "--batch_size", a.batch_size, "--bptt", a.bptt,
               "--optimizer", "adamw",
-              "--warmup", a.warmup, "--clip", 1.0, "--save-vocab", out / "vocab.txt"]
+              "--warmup", a.warmup, "--clip", 1.0,
+              *(["--tokenizer", "wordpiece", "--vocab-file", out / "vocab.txt"]
+                if a.tokenizer == "wordpiece" else ["--save-vocab", out / "vocab.txt"])]
     train, dev, _ = squad_files(Path(a.squad))
     pretrain_freeze = ["--freeze-embeddings"] if a.freeze_embeddings and a.freeze_pretraining else []
     tie = ["--tie-weights"] if a.tie_weights else []
@@ -131,7 +139,7 @@ def commands(a, out):
            "bert", "--log-interval", 100, "--save", out / "mlm_bert.pt",
            "--save-full", out / "full_mlm_model.pt", "--loss-log", out / "mlm_loss.txt",
            "--state-file", out / "mlm_state.pt", "--cache-dir", out / "cache", "--resume", *pretrain_freeze,
-           *tie]
+           *tie, *(["--vocab-size", a.vocab_size] if a.tokenizer == "wordpiece" else [])]
     ns = ["ns_task.py", *common, "--bert-model", out / "mlm_bert.pt", "--data-dir", a.wikitext,
           "--dataset", "WikiText2", "--epochs", a.ns_epochs, "--lr", a.ns_lr, "--min_sentence_len", a.min_sentence_len,
           "--log-interval", 100, "--save", out / "ns_bert.pt", "--save-full", out / "ns_model.pt",
@@ -298,7 +306,10 @@ def table(results, label, a):
 def write_results(out, results, label, a, stages):
     precision = "bf16 autocast" if amp(a) == "bf16" else "fp32"
     text = ["# Laptop recipe: results\n", table(results, label, a), "",
-            f"Machine: {machine()}. Precision: {precision} (--amp {a.amp}).", "", "Commands:", ""]
+            f"Machine: {machine()}. Precision: {precision} (--amp {a.amp}). Tokenizer: "
+            + (f"WordPiece, a {a.vocab_size:,}-token vocabulary trained on WikiText-2's training split."
+               if a.tokenizer == "wordpiece" else "basic_english, WikiText-2's training words."),
+            "", "Commands:", ""]
     text += ["    python " + " ".join(argv) for _, argv, _ in stages]
     tmp = out / "results.md.tmp"
     tmp.write_text("\n".join(text) + "\n")
@@ -313,6 +324,9 @@ def main():
     for flag, folder in (("--wikitext", a.wikitext), ("--squad", a.squad)):
         if not Path(folder).is_dir():
             sys.exit(f"recipe.py: error: {flag} {folder} is not a folder")
+    if a.tokenizer == "wordpiece" and a.vocab_size < 100:
+        sys.exit(f"recipe.py: error: --vocab-size {a.vocab_size} is too small for a WordPiece "
+                 "vocabulary; try 8000 to 30000")
     if a.seeds < 1 or a.holdout_articles < 0:
         sys.exit("recipe.py: error: --seeds must be at least 1 and --holdout-articles at least 0")
     if a.tie_weights and a.freeze_pretraining:

@@ -276,3 +276,33 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     missing = subprocess.run(cmd[:4] + ["--squad", str(wt)], cwd=tmp_path, env=script_env(),
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "dev-split-train-v1.1.json" in missing.stderr
+
+
+def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
+    pytest.importorskip("tokenizers")
+    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
+    squad = tmp_path / "squad"
+    squad.mkdir()
+    write_squad(squad / "dev-split-train-v1.1.json", copies=3)
+    write_squad(squad / "dev-split-eval-v1.1.json", prefix="d")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "recipe.py"), "--wikitext", str(wt), "--squad", str(squad),
+           "--out", str(out), "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
+           "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "1", "--batch-size", "4",
+           "--bptt", "32", "--min-sentence-len", "10", "--seeds", "1", "--holdout-articles", "1",
+           "--no-baseline", "--tokenizer", "wordpiece", "--vocab-size", "300"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    vocab = (out / "vocab.txt").read_text().split("\n")
+    assert 100 < len(vocab) - 1 <= 300 and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert any(t.startswith("##") for t in vocab)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["mlm", "ns", "cloze", "qa_s1"] and results["qa_s1"]["questions"] == 9
+    for r in results.values():
+        assert f"--tokenizer wordpiece --vocab-file {out / 'vocab.txt'}" in r["command"]
+    assert "--vocab-size 300" in results["mlm"]["command"]
+    assert "Tokenizer: WordPiece, a 300-token vocabulary" in (out / "results.md").read_text()
+    small = subprocess.run(cmd[:-1] + ["50"], cwd=tmp_path, env=script_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert small.returncode != 0 and "--vocab-size 50 is too small" in small.stderr
