@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import corpus
@@ -135,8 +134,8 @@ def mlm_loss(args, vocab, generator, ctx, train=True):
         inputs, masked, _ = data.mask_tokens(tokens, args.mask_frac, len(vocab), args.mask_mode,
                                              generator, vocab.roles)
         mine = ctx.rows(block.size(0))
-        logits = model(inputs[mine], masked_positions=masked[mine])  # (M, ntoken), M masked
-        loss = F.cross_entropy(logits.float(), tokens[mine][masked[mine]], reduction="sum")
+        # summed over the M masked tokens; the model's head computes it (fused under bf16)
+        loss = model(inputs[mine], masked_positions=masked[mine], targets=tokens[mine][masked[mine]])
         return loss, masked.sum(), masked[mine].sum()
 
     def per_sequence(model, block):
@@ -145,10 +144,8 @@ def mlm_loss(args, vocab, generator, ctx, train=True):
             tokens, args.mask_frac, len(vocab), args.mask_mode, generator, vocab.roles,
             args.max_predictions)
         mine = ctx.rows(block.size(0))
-        logits = model(inputs[mine], masked_index=index[mine])  # (B, P, ntoken)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(),
-                               targets[mine].masked_fill(~valid[mine], -100).flatten(),
-                               ignore_index=-100, reduction="sum")
+        loss = model(inputs[mine], masked_index=index[mine],
+                     targets=targets[mine].masked_fill(~valid[mine], -100))  # (B, P) targets
         # clamp: a batch without a maskable token gives loss 0, with no check on the host
         return loss, valid.sum().clamp(min=1), valid[mine].sum()
 

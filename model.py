@@ -65,6 +65,73 @@ def dropout(x, p, training=True):
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # a float mask: the fastest product
 
 
+def _cpu_autocast_dtype():
+    """The dtype of CPU autocast where it is on, else None (torch 2.3's names too)."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch 2.4 on
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy of x @ weight.T + bias against targets (-100: ignored), for
+    bf16 autocast on the CPU: bf16 GEMMs and an fp32 softmax, as autocast computes them,
+    but the (M, V) scores are never written out in fp32. The softmax runs a few rows at
+    a time while they sit in the cache, and the probabilities it leaves in the bf16
+    logits buffer are the backward's gradient (p - onehot). Autocast's own path casts
+    the logits to fp32 and back and runs log_softmax and its backward over memory: most
+    of a small model's bf16 masked-LM step at a 30,000-word vocabulary.
+    """
+    CACHE_FLOATS = 2 ** 18  # fp32 scores of one chunk of rows: 1 MiB
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets):
+        with torch.autocast("cpu", enabled=False):
+            xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+            logits = (torch.mm(xb, wb.t()) if bias is None
+                      else torch.addmm(bias.to(torch.bfloat16), xb, wb.t()))  # (M, V) bf16
+            valid = targets != -100
+            picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
+            lse = torch.empty(logits.size(0))
+            keep = any(ctx.needs_input_grad)  # else an evaluation: the loss alone
+            rows = max(1, _LinearCrossEntropy.CACHE_FLOATS // max(logits.size(1), 1))
+            for i in range(0, logits.size(0), rows):
+                scores = logits[i:i + rows].float()
+                top = scores.amax(1, keepdim=True)
+                total = scores.sub_(top).exp_().sum(1, keepdim=True)
+                lse[i:i + rows] = (top + total.log()).squeeze(1)
+                if keep:
+                    logits[i:i + rows] = scores.div_(total)  # the probabilities, in bf16
+            ctx.save_for_backward(xb, wb, logits, targets, valid)
+            ctx.has_bias, ctx.used = bias is not None, False
+            ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+            return torch.where(valid, lse - picked, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError("the fused masked-LM loss keeps its gradient in place and can "
+                               "be backpropagated once only (no retain_graph)")
+        ctx.used = True
+        xb, wb, grad, targets, valid = ctx.saved_tensors
+        rows = torch.arange(grad.size(0))
+        grad.index_put_((rows, targets.clamp(min=0)), -valid.to(grad.dtype), accumulate=True)
+        grad.mul_(valid.to(grad.dtype).unsqueeze(1))  # ignored rows: 0
+        scale = grad_loss.float()  # applied in fp32 to the results, not rounded into grad
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        gx = (grad @ wb).float().mul_(scale).to(ctx.x_dtype) if need_x else None
+        gw = (grad.t() @ xb).float().mul_(scale).to(ctx.w_dtype) if need_w else None
+        gb = grad.sum(0, dtype=torch.float32).mul_(scale) if need_b and ctx.has_bias else None
+        return gx, gw, gb, None
+
+
+def linear_cross_entropy(x, weight, bias, targets):
+    """F.cross_entropy(F.linear(x, weight, bias).float(), targets, reduction="sum"), with
+    -100 targets ignored; fused (_LinearCrossEntropy) under bf16 autocast on the CPU."""
+    if not _compiling() and x.device.type == "cpu" and _cpu_autocast_dtype() == torch.bfloat16:
+        return _LinearCrossEntropy.apply(x, weight, bias, targets)
+    return F.cross_entropy(F.linear(x, weight, bias).float(), targets, reduction="sum")
+
+
 class Dropout(nn.Module):
     """nn.Dropout with the fast CPU mask of `dropout`."""
 
@@ -333,13 +400,19 @@ class MLMTask(nn.Module):
         return torch.equal(state["mlm_head.weight"], state["bert_model.bert_embed.embed.weight"])
 
     def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None,
-                masked_index=None):
+                masked_index=None, targets=None):
         """masked_index (N, P) long instead of masked_positions -> (N, P, ntoken) logits at
-        those positions, with shapes that depend on no value (data.mask_per_sequence)."""
+        those positions, with shapes that depend on no value (data.mask_per_sequence).
+        Given targets, the ids at those positions ((M,) or (N, P); -100: ignored), ->
+        the summed cross entropy instead (fp32 scalar; linear_cross_entropy)."""
         # Only at masked positions: the vocabulary projection is the costly part
         out = self.bert_model(src, token_type_input, key_padding_mask, positions=masked_positions,
                               index=masked_index)
-        return self.mlm_head(self.norm_layer(self.activation(self.mlm_span(out))))
+        out = self.norm_layer(self.activation(self.mlm_span(out)))
+        if targets is None:
+            return self.mlm_head(out)
+        return linear_cross_entropy(out.flatten(0, -2), self.mlm_head.weight, self.mlm_head.bias,
+                                    targets.flatten())
 
 
 class NextSentenceTask(nn.Module):

@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 import pytest
 
+import model
 from model import BertModel, MLMTask, MultiheadAttention, NextSentenceTask, QuestionAnswerTask
 
 V, E, H, FF, L = 50, 32, 4, 64, 2
@@ -223,8 +224,8 @@ def _mask_both_ways(seed=0):
 
 
 def _per_sequence_loss(m, inputs, index, valid, targets):
-    logits = m(inputs, masked_index=index)
-    return F.cross_entropy(logits.flatten(0, 1), targets.masked_fill(~valid, -100).flatten())
+    """mlm_task.py's: the head's summed loss over the valid predictions, here their mean."""
+    return m(inputs, masked_index=index, targets=targets.masked_fill(~valid, -100)) / valid.sum()
 
 
 def test_per_sequence_and_per_token_masks_give_the_same_loss_and_gradients():
@@ -268,3 +269,61 @@ def test_compiled_training_step_has_no_graph_break():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def _head_losses(x, weight, bias, targets, scale=0.37):
+    """(loss, grads of x, weight, bias) in fp32, under autocast's bf16 path, and fused."""
+    out = {}
+    for way in ("fp32", "autocast", "fused"):
+        for t in (x, weight, bias):
+            t.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=way != "fp32"):
+            if way == "fused":
+                loss = model.linear_cross_entropy(x, weight, bias, targets)
+            else:
+                loss = F.cross_entropy(F.linear(x, weight, bias).float(), targets, reduction="sum")
+        (loss * scale).backward()
+        out[way] = (loss.detach(), x.grad.clone(), weight.grad.clone(), bias.grad.clone())
+    return out
+
+
+@pytest.mark.parametrize("M, vocab, E, ignored", [(37, 1000, 16, 0), (200, 9000, 32, 20), (5, 70000, 8, 2)])
+def test_fused_bf16_head_loss_is_as_exact_as_autocast(M, vocab, E, ignored):
+    """The fused masked-LM loss under bf16 (chunks of rows, probabilities kept in bf16)
+    gives autocast's loss and gradients, as close to fp32's as autocast's own path is;
+    -100 targets are ignored, and their rows get no gradient."""
+    torch.manual_seed(M)
+    x = torch.randn(M, E, requires_grad=True)
+    w = (torch.randn(vocab, E) * 0.5).requires_grad_()
+    b = torch.randn(vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (M,))
+    targets[:ignored] = -100
+    out = _head_losses(x, w, b, targets)
+    exact = out["fp32"]
+    err = lambda way: [float((a - c).norm() / a.norm()) for a, c in zip(exact[1:], out[way][1:])]
+    assert torch.allclose(out["fused"][0], out["autocast"][0], rtol=1e-5)
+    assert all(f <= 1.1 * a + 1e-4 for f, a in zip(err("fused"), err("autocast")))
+    assert max(err("fused")) < 2e-2
+    assert out["fused"][1][:ignored].abs().sum() == 0
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # evaluation: the loss alone
+        assert torch.equal(model.linear_cross_entropy(x, w, b, targets), out["fused"][0])
+
+
+def test_fused_head_loss_is_used_under_bf16_only_and_backpropagates_once(monkeypatch):
+    calls = []
+    real = model._LinearCrossEntropy.apply
+    monkeypatch.setattr(model._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
+    m = tiny()
+    src = torch.randint(5, V, (3, 9))
+    masked = torch.rand(3, 9) < 0.3
+    masked[0, 1] = True
+    targets = src[masked]
+    loss = m(src, masked_positions=masked, targets=targets)  # fp32: exactly the plain loss
+    assert not calls
+    assert torch.equal(loss, F.cross_entropy(m(src, masked_positions=masked), targets, reduction="sum"))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = m(src, masked_positions=masked, targets=targets)
+    assert calls == [1]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
