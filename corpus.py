@@ -215,6 +215,17 @@ def _newscrawl_splits(data_dir, allow_download):
             "test": ([wt2["test"]], WHOLE)}
 
 
+_WIKITEXT_JOINS = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")]
+
+
+def wikitext_plain(line):
+    """A WikiText line with its split number and hyphen marks joined again ("1 @,@ 000"
+    -> "1,000", "long @-@ term" -> "long-term"), as a subword tokenizer should read it."""
+    for marked, plain in _WIKITEXT_JOINS:
+        line = line.replace(marked, plain)
+    return line
+
+
 @dataclass(frozen=True)
 class Corpus:
     """A text corpus of the masked-LM and next-sentence tasks (--dataset)."""
@@ -222,6 +233,37 @@ class Corpus:
     splits: Callable  # (data folder, allow_download) -> {split: (files, line range)}
     download: Optional[Download] = None  # where its zip comes from, if anywhere
     read: Callable = text_lines  # path -> its lines of text
+    plain: Optional[Callable] = None  # line -> the line without the corpus's own marks
+    unk: Optional[str] = None  # the corpus's mark of a word left out of its vocabulary
+
+
+def subword_tokenizer(dataset, tokenizer):
+    """line -> tokens of dataset's text. A word tokenizer (basic_english) reads the lines
+    as they are. A subword one (with an unk_text: WordPiece) reads Corpus.plain's form,
+    with each of the corpus's unknown-word marks as its own unknown token, instead of
+    pieces such as < un ##k >."""
+    c, unk = CORPORA[dataset], getattr(tokenizer, "unk_text", None)
+    if unk is None or (c.plain is None and c.unk is None):
+        return tokenizer
+
+    def tokenize(line):
+        line = c.plain(line) if c.plain else line
+        if c.unk is None:
+            return tokenizer(line)
+        tokens = []
+        for k, part in enumerate(line.split(c.unk)):
+            tokens += ([unk] if k else []) + tokenizer(part)
+        return tokens
+    return tokenize
+
+
+def vocabulary_lines(dataset, lines):
+    """lines to train a subword vocabulary on: Corpus.plain's form, unknown-word marks left
+    out (they are no words to learn)."""
+    c = CORPORA[dataset]
+    for line in lines:
+        line = c.plain(line) if c.plain else line
+        yield line.replace(c.unk, " ") if c.unk else line
 
 
 # The registry: adding a corpus is adding an entry (and its splits function above).
@@ -230,10 +272,10 @@ class Corpus:
 CORPORA = {c.name: c for c in [
     Corpus("WikiText2", _wikitext_splits("WikiText2"), Download(
         "wikitext-2", "wikitext-2-v1.zip", "https://wikitext.smerity.com/wikitext-2-v1.zip",
-        "542ccefacc6c27f945fb54453812b3cd")),
+        "542ccefacc6c27f945fb54453812b3cd"), plain=wikitext_plain, unk="<unk>"),
     Corpus("WikiText103", _wikitext_splits("WikiText103"), Download(
         "wikitext-103", "wikitext-103-v1.zip", "https://wikitext.smerity.com/wikitext-103-v1.zip",
-        "9ddaacaf6af0710eda8c456decff7832")),
+        "9ddaacaf6af0710eda8c456decff7832"), plain=wikitext_plain, unk="<unk>"),
     Corpus("BookCorpus", _bookcorpus_splits),
     Corpus("EnWik9", _enwik9_splits, Download(
         ".", "enwik9.zip", "http://mattmahoney.net/dc/enwik9.zip",
@@ -288,6 +330,7 @@ def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None, show=T
     files, frac = sources[split]
     key = hashlib.sha256("|".join(
         [dataset, tokenizer.name, vocab.fingerprint, "v1"]
+        + (["plain"] if subword_tokenizer(dataset, tokenizer) is not tokenizer else [])
         + [f"{Path(p).resolve()}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files]
     ).encode()).hexdigest()[:24]
     cache = Path(cache_dir) / f"{dataset}-{key}.npz" if cache_dir else None
@@ -302,8 +345,9 @@ def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None, show=T
         chunks, lengths = [], []
         lines = monitor.progress(read_lines(files, CORPORA[dataset].read),
                                  f"tokenizing {dataset} {split}", unit="lines", enabled=show)
+        tokenize = subword_tokenizer(dataset, tokenizer)
         for line in lines:
-            toks = vocab.lookup_indices(tokenizer(line))
+            toks = vocab.lookup_indices(tokenize(line))
             chunks.append(np.asarray(toks, dtype=np.int32))
             lengths.append(len(toks))
         ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)

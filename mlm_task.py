@@ -98,7 +98,8 @@ def prepare_vocab(args, dataset, sources, ctx):
     as the original did, else build it from the training split and write it there."""
     if args.tokenizer == "wordpiece":
         if not Path(args.vocab_file).exists():
-            lines = corpus.read_lines(sources["train"][0], corpus.CORPORA[dataset].read)
+            lines = corpus.vocabulary_lines(dataset, corpus.read_lines(
+                sources["train"][0], corpus.CORPORA[dataset].read))
             itos = wordpiece.train_vocab(lines, args.vocab_size, not args.cased)
             checkpoint.atomic_write_text(args.vocab_file, "\n".join(itos) + "\n", ctx.main)
             ctx.barrier()  # written by rank 0, read by all

@@ -59,6 +59,8 @@ class WordPiece:
     """BERT's tokenizer on a vocab.txt: text -> tokens, with character spans (s, e) meaning
     text[s:e]. lower_case: the uncased models' lower-casing and accent stripping."""
 
+    unk_text = ROLE_NAMES["unk"]  # read as the unknown token wherever it stands in a text
+
     def __init__(self, vocab_file, lower_case=True, backend=data.BACKEND):
         tokenizers = _tokenizers()
         self.name = "wordpiece" if lower_case else "wordpiece-cased"

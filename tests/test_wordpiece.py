@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import corpus
 import data
 import squad
 import wordpiece
@@ -70,6 +71,29 @@ def test_squad_spans_are_exact_with_wordpiece(tmp_path):
     text = 'The river "Rhine", 1,230 km long.'
     tokens, spans = tok.tokenize_with_spans(text)
     assert [text[a:b].lower() for a, b in spans] == [t.replace("##", "") for t in tokens]
+
+
+def test_wikitext_marks_for_a_subword_tokenizer(vocab_file, tmp_path):
+    """WordPiece reads WikiText's <unk> as its [UNK] (not < un ##k >) and its @-@ / @,@
+    marks joined; basic_english reads the lines as they are; a vocabulary is trained
+    without either."""
+    line = " the <unk> tower is 1 @,@ 200 m long @-@ built in paris <unk> . \n"
+    tok = wordpiece.WordPiece(vocab_file)
+    tokenize = corpus.subword_tokenizer("WikiText2", tok)
+    assert tokenize(line) == (tok(" the ") + ["[UNK]"] + tok(" tower is 1,200 m long-built in paris ")
+                              + ["[UNK]"] + tok(" . \n"))
+    assert len(tokenize(line)) < len(tok(line))  # each <unk> and @,@ was several pieces
+    words = data.Tokenizer()
+    assert corpus.subword_tokenizer("WikiText2", words) is words
+    assert list(corpus.vocabulary_lines("WikiText2", [line])) == [
+        " the   tower is 1,200 m long-built in paris   . \n"]
+    (tmp_path / "wiki.train.tokens").write_text(line * 3)
+    vocab = wordpiece.load_vocab(vocab_file)
+    sources = {"train": ([tmp_path / "wiki.train.tokens"], corpus.WHOLE)}
+    ids, offsets = corpus.load_split("WikiText2", sources, "train", vocab, tok, tmp_path / "cache")
+    assert ids.tolist() == vocab.lookup_indices(tokenize(line)) * 3 and offsets.tolist()[-1] == len(ids)
+    plain_ids, _ = corpus.load_split("WikiText2", sources, "train", vocab, tok, tmp_path / "cache")
+    assert torch.equal(ids, plain_ids)  # read back from the cache
 
 
 def test_the_scripts_with_wordpiece(tmp_path):
