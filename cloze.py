@@ -59,7 +59,7 @@ def _cloze_wh(answer):
     return "who" if first[:1].isupper() else "what"
 
 
-def cloze_questions(lines, seed=0, max_words=90, drop=0.25):
+def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>"):
     """Questions without labels from running text, in read_squad's form: span-selection
     pretraining for SQuAD. lines: WikiText lines (a line is a paragraph; headings,
     ' = Title = ', are skipped; ' @-@ ', ' @,@ ', ' @.@ ' are joined back). Each
@@ -68,15 +68,18 @@ def cloze_questions(lines, seed=0, max_words=90, drop=0.25):
     wh-word for the span's kind (when, how many, who, what) followed by the sentence
     without the span, each remaining word dropped with probability drop and `<unk>`
     words left out, so that the model must find the sentence by its words and pick what
-    the question lacks, as in SQuAD. The same lines and seed give the same questions."""
+    the question lacks, as in SQuAD. The same lines and seed give the same questions.
+    unk: the text that stands for WikiText's `<unk>` in the contexts (a subword
+    tokenizer's unknown token, which it reads whole)."""
     rng = random.Random(seed)
     paragraphs, count = [], 0
     for line in lines:
         line = line.strip()
         if not line or line.startswith("="):
             continue
-        for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
-            line = line.replace(a, b)
+        line = corpus.wikitext_plain(line)
+        if unk != "<unk>":
+            line = line.replace("<unk>", unk)
         sentences, current = [], []
         for word in line.split():
             current.append(word)
@@ -103,7 +106,7 @@ def cloze_questions(lines, seed=0, max_words=90, drop=0.25):
                     i, j = span
                     answer = " ".join(sentence[i:j])
                     body = sentence[:-1] if sentence[-1] in (".", "!", "?") else sentence
-                    kept = [w for k, w in enumerate(body) if not i <= k < j and w != "<unk>"
+                    kept = [w for k, w in enumerate(body) if not i <= k < j and w != unk
                             and rng.random() >= drop]
                     start = offset + sum(len(w) + 1 for w in sentence[:i])
                     count += 1
@@ -133,7 +136,8 @@ def cloze_files(folder, tokenizer, bptt, print0=print):
         for para in paragraphs:
             para["qas"] = [qa for qa in para["qas"] if len(tokenizer(qa["question"])) <= bptt // 2]
         return [para for para in paragraphs if para["qas"]]
-    train, valid = (fitting(cloze_questions(corpus.read_lines([files[s]])))
+    unk = getattr(tokenizer, "unk_text", None) or "<unk>"  # WordPiece's [UNK], read whole
+    train, valid = (fitting(cloze_questions(corpus.read_lines([files[s]]), unk=unk))
                     for s in ("train", "valid"))
     for split, paragraphs in (("train", train), ("valid", valid)):
         if not paragraphs:

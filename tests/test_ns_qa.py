@@ -300,6 +300,20 @@ def test_cloze_questions_hold_their_answers():
     assert [p["context"] for p in others] == [p["context"] for p in paras]
 
 
+def test_cloze_contexts_for_a_subword_tokenizer():
+    """With unk (WordPiece's [UNK]), WikiText's <unk> becomes that token in the contexts and
+    is left out of the questions; everything else is as with the words' <unk>."""
+    lines = [line.replace("Chronicles II", "<unk> II") for line in CLOZE_LINES]
+    words, pieces = (cloze.cloze_questions(lines, seed=3, max_words=30, unk=u)
+                     for u in ("<unk>", "[UNK]"))
+    assert "<unk> II" in words[0]["context"] and "[UNK] II" in pieces[0]["context"]
+    for a, b in zip(words, pieces):
+        assert a["context"].replace("<unk>", "[UNK]") == b["context"]
+        for qa, qb in zip(a["qas"], b["qas"]):
+            assert qa["question"] == qb["question"] and "[UNK]" not in qb["question"]
+            assert qa["answers"] == qb["answers"]  # the same length: no offset moves
+
+
 def test_cloze_pretraining_then_squad(tmp_path):
     wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
     run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", cwd=tmp_path)
