@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import corpus
 import data
 import dist
 import hf
@@ -57,14 +56,10 @@ def parse(argv=None):
 
 def squad_files(a):
     """(train, eval) files: the official ones where they exist, else the dev split."""
-    official = corpus.find_file(Path(a.squad), "train-v1.1.json")
-    names = (("train-v1.1.json", "dev-v1.1.json") if official else
-             ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json"))
-    found = [corpus.find_file(Path(a.squad), n) for n in names]
-    if not all(found):
-        sys.exit(f"peer.py: error: {a.squad} has neither train-v1.1.json + dev-v1.1.json nor "
-                 "dev-split-train-v1.1.json + dev-split-eval-v1.1.json")
-    return found
+    try:
+        return squad.squad_files(a.squad)[:2]
+    except data.DataError as e:
+        sys.exit(f"peer.py: error: {e}")
 
 
 class PeerAdapter(nn.Module):

@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-import corpus
 import monitor
+import squad
+from data import DataError
 
 HERE = Path(__file__).resolve().parent
 
@@ -110,17 +111,11 @@ def parse(argv=None):
 
 
 def squad_files(folder):
-    """(train, eval, label): the official files where they exist, else the dev split."""
-    find = lambda name: corpus.find_file(folder, name)
-    train, dev = find("train-v1.1.json"), find("dev-v1.1.json")
-    if train and dev:
-        return train, dev, "dev"
-    train, dev = find("dev-split-train-v1.1.json"), find("dev-split-eval-v1.1.json")
-    if train and dev:
-        return train, dev, "dev-split"
-    sys.exit(f"recipe.py: error: {folder} has neither train-v1.1.json + dev-v1.1.json nor "
-             "dev-split-train-v1.1.json + dev-split-eval-v1.1.json (plain or .gz); "
-             "pass the SQuAD folder with --squad")
+    """(train, eval, label): squad.squad_files, its error as recipe.py's."""
+    try:
+        return squad.squad_files(folder)
+    except DataError as e:
+        sys.exit(f"recipe.py: error: {e}")
 
 
 def commands(a, out):

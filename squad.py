@@ -43,6 +43,21 @@ def squad_file(data_dir, name, allow_download=True):
                     "--data-dir / --train-file / --dev-file")
 
 
+def squad_files(folder):
+    """(train, evaluation, label) files of SQuAD v1.1 in folder: train-v1.1.json and
+    dev-v1.1.json where both are there ("dev"), else dev-split-train-v1.1.json and
+    dev-split-eval-v1.1.json, a split of the official dev set by article ("dev-split");
+    plain or .gz. DataError where neither pair is complete."""
+    for names, label in ((("train-v1.1.json", "dev-v1.1.json"), "dev"),
+                         (("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json"), "dev-split")):
+        train, dev = (find_file(Path(folder), name) for name in names)
+        if train and dev:
+            return train, dev, label
+    raise DataError(f"{folder} has neither train-v1.1.json + dev-v1.1.json nor "
+                    "dev-split-train-v1.1.json + dev-split-eval-v1.1.json (plain or .gz); "
+                    "pass the SQuAD folder with --squad")
+
+
 def read_squad(path, holdout=0):
     """Paragraphs of a SQuAD v1.1 file: [{'context', 'qas': [{'id', 'question',
     'answers': [(text, char_start), ...]}]}], checked against the format. holdout > 0:

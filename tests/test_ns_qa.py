@@ -338,3 +338,16 @@ def test_cloze_pretraining_then_squad(tmp_path):
     after = checkpoint.load(tmp_path / "qa_model.pt", "qa_task")["model"]
     assert set(before) == set(after) and not torch.equal(before["qa_span.weight"],
                                                           after["qa_span.weight"])
+
+
+def test_squad_files_official_first_then_the_dev_split(tmp_path):
+    with pytest.raises(data.DataError, match="neither train-v1.1.json"):
+        squad.squad_files(tmp_path)
+    for name in ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json.gz", "train-v1.1.json"):
+        (tmp_path / name).write_text("{}")
+    train, dev, label = squad.squad_files(tmp_path)  # the official pair is not complete
+    assert (train.name, dev.name, label) == ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json.gz",
+                                             "dev-split")
+    (tmp_path / "dev-v1.1.json").write_text("{}")
+    assert [p.name for p in squad.squad_files(tmp_path)[:2]] == ["train-v1.1.json", "dev-v1.1.json"]
+    assert squad.squad_files(tmp_path)[2] == "dev"
