@@ -328,9 +328,10 @@ def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None, show=T
     time and on the vocabulary, so a second run skips tokenization. show: print progress.
     """
     files, frac = sources[split]
+    tokenize = subword_tokenizer(dataset, tokenizer)
     key = hashlib.sha256("|".join(
         [dataset, tokenizer.name, vocab.fingerprint, "v1"]
-        + (["plain"] if subword_tokenizer(dataset, tokenizer) is not tokenizer else [])
+        + (["plain"] if tokenize is not tokenizer else [])
         + [f"{Path(p).resolve()}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files]
     ).encode()).hexdigest()[:24]
     cache = Path(cache_dir) / f"{dataset}-{key}.npz" if cache_dir else None
@@ -345,7 +346,6 @@ def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None, show=T
         chunks, lengths = [], []
         lines = monitor.progress(read_lines(files, CORPORA[dataset].read),
                                  f"tokenizing {dataset} {split}", unit="lines", enabled=show)
-        tokenize = subword_tokenizer(dataset, tokenizer)
         for line in lines:
             toks = vocab.lookup_indices(tokenize(line))
             chunks.append(np.asarray(toks, dtype=np.int32))
