@@ -1,11 +1,13 @@
 """Span-selection questions made without labels from running text: pretraining for
 SQuAD (qa_task.py --cloze-dir DIR).
 
-    train, valid = cloze_files("DIR", tokenizer, bptt=128)   # WikiText's train and valid
+    train, valid, text = cloze_files("DIR", tokenizer, bptt=128)   # WikiText's train and valid
 
 From each sentence one span is taken away (a name, date or amount, sometimes a word);
-the question is a wh-word for its kind plus the rest of the sentence with some words
-dropped, and the answer is the span in its context, in read_squad's form.
+the question is a wh-word for its kind plus the rest of the sentence (style 'sentence')
+or 6 to 12 of its words beside the span (style 'short'), with some words dropped, and the
+answer is the span in its context, in read_squad's form. cloze_split(text, ..., seed=k)
+makes other questions from the same text.
 """
 import random
 import re
@@ -59,28 +61,50 @@ def _cloze_wh(answer):
     return "who" if first[:1].isupper() else "what"
 
 
-def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>"):
-    """Questions without labels from running text, in read_squad's form: span-selection
-    pretraining for SQuAD. lines: WikiText lines (a line is a paragraph; headings,
-    ' = Title = ', are skipped; ' @-@ ', ' @,@ ', ' @.@ ' are joined back). Each
-    paragraph is cut into contexts of whole sentences, up to max_words words. From every
-    sentence of 8 to 40 words one answer span is taken (_cloze_answer); its question is a
-    wh-word for the span's kind (when, how many, who, what) followed by the sentence
-    without the span, each remaining word dropped with probability drop and `<unk>`
-    words left out, so that the model must find the sentence by its words and pick what
-    the question lacks, as in SQuAD. The same lines and seed give the same questions.
-    unk: the text that stands for WikiText's `<unk>` in the contexts (a subword
-    tokenizer's unknown token, which it reads whole)."""
-    rng = random.Random(seed)
-    paragraphs, count = [], 0
+def _question_words(body, i, j, window, rng):
+    """The words of body (a sentence without its end mark) that a question keeps around
+    its answer body[i:j]: all of them (window None), or a run of lo to hi words beside the
+    answer (window (lo, hi)), some before it and the rest after it, as far as the sentence
+    goes."""
+    if window is None:
+        return body[:i] + body[j:]
+    n = rng.randint(*window)
+    before = rng.randint(0, n)
+    after = n - before
+    if before > i:  # the sentence starts too soon: take the rest after the answer
+        after += before - i
+        before = i
+    if j + after > len(body):  # it ends too soon: take the rest before the answer
+        before = min(i, before + j + after - len(body))
+        after = len(body) - j
+    return body[i - before:i] + body[j:j + after]
+
+
+# The kinds of question (qa_task.py --cloze-style): 'sentence', the whole sentence without
+# its answer, a quarter of its words dropped, in contexts of up to 90 words of a paragraph;
+# 'short', 6 to 12 words of the sentence beside the answer, a tenth dropped, in contexts of
+# up to 110 words of a section: as long as SQuAD's questions (10 words on average, half of
+# them from the answer's sentence) and nearer its paragraphs (110 words, median).
+STYLES = {"sentence": dict(max_words=90, drop=0.25, window=None),
+          "short": dict(max_words=110, drop=0.1, window=(6, 12), join=True)}
+
+
+def _passages(lines, unk, join):
+    """The sentences (word lists) of each paragraph of WikiText lines, or with join of
+    all the paragraphs between two headings."""
+    sentences = []
     for line in lines:
         line = line.strip()
+        if line.startswith("=") or not join:  # a heading ends a passage
+            if sentences:
+                yield sentences
+            sentences = []
         if not line or line.startswith("="):
             continue
         line = corpus.wikitext_plain(line)
         if unk != "<unk>":
             line = line.replace("<unk>", unk)
-        sentences, current = [], []
+        current = []
         for word in line.split():
             current.append(word)
             if word in (".", "!", "?"):
@@ -88,6 +112,29 @@ def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>"):
                 current = []
         if current:
             sentences.append(current)
+    if sentences:
+        yield sentences
+
+
+def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>", window=None,
+                    join=False):
+    """Questions without labels from running text, in read_squad's form: span-selection
+    pretraining for SQuAD. lines: WikiText lines (a line is a paragraph; headings,
+    ' = Title = ', are skipped; ' @-@ ', ' @,@ ', ' @.@ ' are joined back). Each
+    paragraph (with join: the paragraphs between two headings, one after the other) is cut
+    into contexts of whole sentences, up to max_words words. From every
+    sentence of 8 to 40 words one answer span is taken (_cloze_answer); its question is a
+    wh-word for the span's kind (when, how many, who, what) followed by the sentence
+    without the span, each remaining word dropped with probability drop and `<unk>`
+    words left out, so that the model must find the sentence by its words and pick what
+    the question lacks, as in SQuAD. window (lo, hi): the question keeps only a run of
+    lo to hi of the sentence's words beside the span (_question_words). The same lines
+    and seed give the same questions.
+    unk: the text that stands for WikiText's `<unk>` in the contexts (a subword
+    tokenizer's unknown token, which it reads whole)."""
+    rng = random.Random(seed)
+    paragraphs, count = [], 0
+    for sentences in _passages(lines, unk, join):
         contexts, current, words = [], [], 0
         for sentence in sentences:
             if current and words + len(sentence) > max_words:
@@ -106,7 +153,7 @@ def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>"):
                     i, j = span
                     answer = " ".join(sentence[i:j])
                     body = sentence[:-1] if sentence[-1] in (".", "!", "?") else sentence
-                    kept = [w for k, w in enumerate(body) if not i <= k < j and w != unk
+                    kept = [w for w in _question_words(body, i, j, window, rng) if w != unk
                             and rng.random() >= drop]
                     start = offset + sum(len(w) + 1 for w in sentence[:i])
                     count += 1
@@ -119,10 +166,9 @@ def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>"):
     return paragraphs
 
 
-def cloze_files(folder, tokenizer, bptt, print0=print):
-    """(train paragraphs, evaluation paragraphs): cloze questions from WikiText's train and
-    valid splits in folder, leaving out those that take more than half of the --bptt
-    window."""
+def _wikitext_files(folder):
+    """{split: path} of WikiText's train and valid files in folder (or its wikitext-2,
+    wikitext-103 folder)."""
     files = {}
     for where in (Path(folder), Path(folder) / "wikitext-2", Path(folder) / "wikitext-103"):
         files = {s: corpus.find_file(where, f"wiki.{s}.tokens") for s in ("train", "valid")}
@@ -131,19 +177,30 @@ def cloze_files(folder, tokenizer, bptt, print0=print):
     if not all(files.values()):
         raise DataError(f"--cloze-dir {folder} holds no wiki.train.tokens and "
                         "wiki.valid.tokens (plain or .gz); pass the folder of WikiText's files")
+    return files
 
-    def fitting(paragraphs):
-        for para in paragraphs:
-            para["qas"] = [qa for qa in para["qas"] if len(tokenizer(qa["question"])) <= bptt // 2]
-        return [para for para in paragraphs if para["qas"]]
+
+def cloze_split(path, tokenizer, bptt, style="sentence", seed=0):
+    """Cloze questions (cloze_questions, of STYLES[style]) from the WikiText file path,
+    leaving out those that take more than half of the --bptt window."""
     unk = getattr(tokenizer, "unk_text", None) or "<unk>"  # WordPiece's [UNK], read whole
-    train, valid = (fitting(cloze_questions(corpus.read_lines([files[s]]), unk=unk))
-                    for s in ("train", "valid"))
-    for split, paragraphs in (("train", train), ("valid", valid)):
-        if not paragraphs:
-            raise DataError(f"{files[split]} gives no cloze questions: it needs "
-                            "sentences of 8 to 40 words (and a --bptt that fits them)")
+    paragraphs = cloze_questions(corpus.read_lines([path]), seed=seed, unk=unk, **STYLES[style])
+    for para in paragraphs:
+        para["qas"] = [qa for qa in para["qas"] if len(tokenizer(qa["question"])) <= bptt // 2]
+    paragraphs = [para for para in paragraphs if para["qas"]]
+    if not paragraphs:
+        raise DataError(f"{path} gives no cloze questions: it needs sentences of 8 to 40 "
+                        "words (and a --bptt that fits them)")
+    return paragraphs
+
+
+def cloze_files(folder, tokenizer, bptt, print0=print, style="sentence"):
+    """(train paragraphs, evaluation paragraphs, train file): cloze questions (of
+    STYLES[style]) from WikiText's train and valid splits in folder; cloze_split(train
+    file, ..., seed=k) makes other questions from the same training text."""
+    files = _wikitext_files(folder)
+    train, valid = (cloze_split(files[s], tokenizer, bptt, style) for s in ("train", "valid"))
     print0(f"| --cloze-dir: {sum(len(p['qas']) for p in train)} questions made from "
            f"{files['train'].name}, {sum(len(p['qas']) for p in valid)} from "
            f"{files['valid'].name}")
-    return train, valid
+    return train, valid, files["train"]

@@ -70,6 +70,15 @@ def build_parser():
         help="span-selection pretraining: train on questions made without labels from the "
              "WikiText corpus in DIR (wiki.train.tokens; scored on wiki.valid.tokens) instead of "
              "SQuAD, then fine-tune on SQuAD from the model it writes with --checkpoint FILE")
+    add("--cloze-style", default="sentence", choices=sorted(cloze.STYLES),
+        help="the --cloze-dir questions: 'sentence', the answer's whole sentence without it, "
+             "a quarter of its words dropped, in contexts of up to 90 words of a paragraph; "
+             "'short', 6 to 12 words beside the answer, a tenth dropped, in contexts of up to "
+             "110 words of a section (as long as SQuAD's questions and nearer its paragraphs)")
+    add("--cloze-fresh", action="store_true",
+        help="with --cloze-dir: other questions from the same text every epoch (epoch k's "
+             "made with seed k-1), as many windows as the first epoch's; without it every "
+             "epoch reads the same questions")
     utils.add_freeze_flag(p, "(words that occur only in the evaluation file then keep "
                           "embeddings of the same kind as the rest; DrQA fixes its word vectors "
                           "the same way)")
@@ -97,6 +106,13 @@ def check_args(args):
     if asking and not args.predict:
         raise utils.UserError(f"--{asking[0].replace('_', '-')} is for answering questions: add "
                               "--predict")
+    if args.cloze_dir is None:
+        cloze_only = [f for f in ("cloze_fresh",) if getattr(args, f)]
+        if args.cloze_style != "sentence":
+            cloze_only.insert(0, "cloze_style")
+        if cloze_only:
+            raise utils.UserError(f"--{cloze_only[0].replace('_', '-')} is for span-selection "
+                                  "pretraining: add --cloze-dir DIR")
     if args.cloze_dir is not None:
         given = [f for f in ("train_file", "dev_file", "test_file", "predict_file")
                  if getattr(args, f) is not None]
@@ -199,8 +215,8 @@ def main(args):
     model = train.prepare_model(raw, args, ctx)
 
     if args.cloze_dir is not None:
-        train_paragraphs, dev_source = cloze.cloze_files(args.cloze_dir, tokenizer, args.bptt,
-                                                         ctx.print0)
+        train_paragraphs, dev_source, cloze_text = cloze.cloze_files(
+            args.cloze_dir, tokenizer, args.bptt, ctx.print0, args.cloze_style)
     elif args.holdout_articles:
         # Choose on held-out training articles; the dev (or test) file is scored once.
         train_paragraphs, dev_source = squad.read_squad(
@@ -219,8 +235,28 @@ def main(args):
     ctx.print0(f"| train: {len(examples)} questions, {len(windows)} windows with the answer "
                f"inside | {chooser}: {len(dev.examples)} questions, {len(dev.windows)} windows")
 
-    batches = lambda epoch: data.Batches(windows, batch_size=args.batch_size, shuffle=True,
-                                         seed=args.seed, epoch=epoch, **ctx.shard(True))
+    sets = {1: windows}  # the windows of an epoch (the last one made, and the first's)
+
+    def epoch_windows(epoch):
+        if args.cloze_dir is None or not args.cloze_fresh or epoch in sets:
+            return sets.get(epoch, windows)
+        paragraphs = cloze.cloze_split(cloze_text, tokenizer, args.bptt, args.cloze_style,
+                                       seed=epoch - 1)
+        _, more = squad.squad_features(paragraphs, tokenizer, vocab, args.bptt,
+                                       args.doc_stride or None, training=True, show=False)
+        if len(more) > len(windows):  # the first epoch's number of steps: a random subset
+            g = torch.Generator().manual_seed(epoch)
+            more = more[torch.randperm(len(more), generator=g)[:len(windows)].sort().values]
+        ctx.print0(f"| --cloze-fresh: epoch {epoch} reads "
+                   f"{sum(len(p['qas']) for p in paragraphs)} other questions (seed {epoch - 1}), "
+                   f"{len(more)} windows")
+        sets.clear()
+        sets.update({1: windows, epoch: more.to(ctx.device)})
+        return sets[epoch]
+
+    batches = lambda epoch: data.Batches(epoch_windows(epoch), batch_size=args.batch_size,
+                                         shuffle=True, seed=args.seed, epoch=epoch,
+                                         **ctx.shard(True))
     task = train.Task(
         "qa_task", lambda m, w: qa_loss(m, w, vocab.roles.pad), batches, len(batches(1)), lambda model: numbers(dev(model)), describe,
         args.save, vocab.fingerprint, select=lambda r: -r["f1"])

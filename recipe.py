@@ -89,6 +89,12 @@ def parse(argv=None):
     p.add_argument("--no-tie-weights", dest="tie_weights", action="store_false",
                    help="pretrain without mlm_task.py --tie-weights (a separate masked-LM output "
                         "projection, as in the original)")
+    p.add_argument("--cloze-style", default="sentence", choices=["sentence", "short"],
+                   help="span-selection questions: the answer's whole sentence, or 6 to 12 of "
+                        "its words, as long as SQuAD's questions (qa_task.py --cloze-style)")
+    p.add_argument("--cloze-fresh", action="store_true",
+                   help="span selection reads other questions from the same text every epoch "
+                        "(qa_task.py --cloze-fresh)")
     helps = dict(emsize="model width", nhid="feed-forward width", nlayers="encoder layers",
                  nhead="attention heads", dropout="dropout in every step",
                  batch_size="sequences per batch, every step", bptt="tokens per sequence",
@@ -155,7 +161,10 @@ def commands(a, out):
     stages = [("mlm", mlm, out / "mlm_loss.jsonl"), ("ns", ns, out / "ns_loss.jsonl")]
     start = []
     if a.cloze_epochs:
-        stages.append(("cloze", qa("cloze", ["--cloze-dir", a.wikitext], epochs=a.cloze_epochs),
+        cloze = ["--cloze-dir", a.wikitext, *(["--cloze-style", a.cloze_style]
+                                               if a.cloze_style != "sentence" else []),
+                 *(["--cloze-fresh"] if a.cloze_fresh else [])]
+        stages.append(("cloze", qa("cloze", cloze, epochs=a.cloze_epochs),
                        out / "cloze_loss.jsonl"))
         start = ["--checkpoint", out / "cloze_model.pt"]
     squad = [("qa", start, a.freeze_embeddings)]
@@ -252,7 +261,8 @@ def table(results, label, a):
                     f"accuracy {fmt(r.get('test accuracy'), '.2f')}% | {r['seconds'] / 60:.1f} min |")
     r = results.get("cloze") if a.cloze_epochs else None
     if r:
-        rows.append(f"| 3. span selection (questions made from WikiText-2) | WikiText-2 valid, "
+        kind = f"{a.cloze_style} questions" + (", new ones every epoch" if a.cloze_fresh else "")
+        rows.append(f"| 3. span selection ({kind}, made from WikiText-2) | WikiText-2 valid, "
                     f"{r.get('questions', '-')} questions: EM {fmt(r.get('EM'), '.2f')}, F1 "
                     f"{fmt(r.get('F1'), '.2f')} | {r['seconds'] / 60:.1f} min |")
     frozen = a.freeze_embeddings

@@ -300,6 +300,58 @@ def test_cloze_questions_hold_their_answers():
     assert [p["context"] for p in others] == [p["context"] for p in paras]
 
 
+def test_short_cloze_questions_keep_words_beside_the_answer():
+    """window (lo, hi): the question is a wh-word and a run of lo to hi words of the
+    sentence beside the answer (some dropped), not the whole sentence."""
+    lines = CLOZE_LINES * 40
+    paras = cloze.cloze_questions(lines, seed=5, max_words=30, drop=0.0, window=(3, 5))
+    assert paras == cloze.cloze_questions(lines, seed=5, max_words=30, drop=0.0, window=(3, 5))
+    longer = cloze.cloze_questions(lines, seed=5, max_words=30)
+    assert [p["context"] for p in paras] == [p["context"] for p in longer]
+    sizes = set()
+    for p in paras:
+        for qa in p["qas"]:
+            (text, start), = qa["answers"]
+            assert p["context"][start:start + len(text)] == text
+            words = qa["question"].split()[:-1]
+            words = words[2:] if words[:2] == ["how", "many"] else words[1:]
+            sizes.add(len(words))
+            # the kept words stand next to the answer: before it, then after it, in order
+            before = p["context"][:start].split()
+            after = p["context"][start + len(text):].split()
+            assert any(before[len(before) - n:] == words[:n] and words[n:] == after[:len(words) - n]
+                       for n in range(len(words) + 1))
+    assert sizes <= {3, 4, 5} and len(sizes) > 1
+    assert max(len(qa["question"].split()) for p in longer for qa in p["qas"]) > 8
+
+
+def test_joined_contexts_run_across_paragraphs_but_not_headings():
+    one = " The first paragraph has exactly nine words in it . \n"
+    two = " A second paragraph follows with another nine words here . \n"
+    lines = [" = Title = \n", one, " \n", two, " = = Section = = \n", one, two]
+    alone = cloze.cloze_questions(lines, max_words=30, drop=0.0)
+    joined = cloze.cloze_questions(lines, max_words=30, drop=0.0, join=True)
+    assert len(alone) == 4 and len(joined) == 2  # two sections of two paragraphs each
+    assert [p["context"] for p in joined] == [" ".join(x["context"] for x in alone[:2]),
+                                              " ".join(x["context"] for x in alone[2:])]
+    assert len(cloze.cloze_questions(lines, max_words=15, join=True)) == 4  # max_words holds
+    for p in joined:
+        for qa in p["qas"]:
+            (text, start), = qa["answers"]
+            assert p["context"][start:start + len(text)] == text
+
+
+def test_question_words_stay_inside_the_sentence():
+    rng = __import__("random").Random(0)
+    body = "a b c d e f g h".split()
+    for i, j in [(0, 1), (7, 8), (3, 5)]:
+        for _ in range(50):
+            kept = cloze._question_words(body, i, j, (4, 6), rng)
+            assert 4 <= len(kept) <= 6 and body[i] not in kept
+            assert kept == [w for w in body if w in kept]  # a run, around the answer
+    assert cloze._question_words(body, 3, 5, None, rng) == "a b c f g h".split()
+
+
 def test_cloze_contexts_for_a_subword_tokenizer():
     """With unk (WordPiece's [UNK]), WikiText's <unk> becomes that token in the contexts and
     is left out of the questions; everything else is as with the words' <unk>."""
@@ -338,6 +390,28 @@ def test_cloze_pretraining_then_squad(tmp_path):
     after = checkpoint.load(tmp_path / "qa_model.pt", "qa_task")["model"]
     assert set(before) == set(after) and not torch.equal(before["qa_span.weight"],
                                                           after["qa_span.weight"])
+
+
+def test_fresh_short_cloze_questions_every_epoch(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", cwd=tmp_path)
+    args = ["--bert-model", "mlm_bert.pt", "--batch_size", "8", "--bptt", "48", "--epochs", "3",
+            "--optimizer", "adamw", "--lr", "1e-3", "--match-feature", "--cloze-dir", wt,
+            "--cloze-style", "short", "--log-interval", "1000"]
+    fresh = run_script("qa_task.py", *args, "--cloze-fresh", "--loss-log", "fresh.txt", cwd=tmp_path)
+    first = int(re.search(r"(\d+) windows with the answer inside", fresh.stdout).group(1))
+    later = re.findall(r"^\| --cloze-fresh: epoch (\d) reads (\d+) other questions \(seed (\d)\), "
+                       r"(\d+) windows$", fresh.stdout, re.M)
+    assert [(e, s) for e, _, s, _ in later] == [("2", "1"), ("3", "2")]
+    assert all(0 < int(n) <= first for *_, n in later)
+    same = run_script("qa_task.py", *args, "--loss-log", "same.txt", cwd=tmp_path)
+    assert "--cloze-fresh" not in same.stdout
+    valid = [[r["loss"] for r in monitor.read_results(tmp_path / f) if r["record"] == "valid"]
+             for f in ("fresh.jsonl", "same.jsonl")]
+    assert valid[0][0] == valid[1][0] and valid[0][1:] != valid[1][1:]  # epoch 1 is the same
+    for flag in (["--cloze-fresh"], ["--cloze-style", "short"]):
+        bad = run_script("qa_task.py", "--bert-model", "mlm_bert.pt", *flag, cwd=tmp_path, check=False)
+        assert bad.returncode != 0 and f"{flag[0]} is for span-selection pretraining: add --cloze-dir" in bad.stderr
 
 
 def test_squad_files_official_first_then_the_dev_split(tmp_path):
