@@ -28,11 +28,9 @@ _MONTHS = frozenset("January February March April May June July August September
 _NUMBER = re.compile(r"[0-9][0-9,.]*")
 
 
-def _cloze_answer(words, rng):
-    """(i, j): the answer span words[i:j] of a sentence, or None. A run of up to four
-    capitalised words or numbers not at the sentence start (the names, dates and
-    amounts SQuAD asks about); in three sentences of ten, and where there is no such
-    run, single words of more than three letters are candidates too."""
+def _named_runs(words):
+    """The runs (i, j) of up to four capitalised words or numbers of a sentence, not at
+    its start: the names, dates and amounts SQuAD asks about."""
     def named(w):
         return bool(_NUMBER.fullmatch(w)) or (len(w) > 1 and w[:1].isupper() and w.isalpha()
                                               and w.lower() not in _CLOZE_SKIP)
@@ -46,10 +44,44 @@ def _cloze_answer(words, rng):
             i = j
         else:
             i += 1
+    return runs
+
+
+def _cloze_answer(words, rng):
+    """(i, j): the answer span words[i:j] of a sentence, or None. A named run
+    (_named_runs); in three sentences of ten, and where there is no such run, single
+    words of more than three letters are candidates too."""
+    runs = _named_runs(words)
     if not runs or rng.random() < 0.3:
-        runs += [(k, k + 1) for k, w in enumerate(words)
-                 if w.isalpha() and len(w) > 3 and w.lower() not in _CLOZE_SKIP]
+        runs += [(k, k + 1) for k, w in enumerate(words) if _content(w)]
     return rng.choice(runs) if runs else None
+
+
+def _content(w):
+    return w.isalpha() and len(w) > 3 and w.lower() not in _CLOZE_SKIP
+
+
+def _mixed_answer(words, rng):
+    """(i, j): an answer span of words, of the kinds SQuAD asks for in about its
+    proportions, or None: a named run (_named_runs) four times in ten; three and a half
+    times a phrase of 2 to 5 words without punctuation, from a content word or an article
+    to a content word ("the standard features", "multiple adjustments"); else a content
+    word. Where a sentence has none of the kind drawn, the next kind of that order."""
+    named = _named_runs(words)
+    phrases = [(k, k + n) for k in range(1, len(words)) for n in range(2, 6)
+               if k + n <= len(words) and all(w.isalnum() for w in words[k:k + n])
+               and (_content(words[k]) or words[k].lower() in ("the", "a", "an"))
+               and _content(words[k + n - 1])]
+    singles = [(k, k + 1) for k in range(1, len(words)) if _content(words[k])]
+    r = rng.random()
+    for kind in ([named, phrases, singles] if r < 0.4 else
+                 [phrases, singles, named] if r < 0.75 else [singles, phrases, named]):
+        if kind:
+            return rng.choice(kind)
+    return None
+
+
+_ANSWERS = {"named": _cloze_answer, "mixed": _mixed_answer}
 
 
 def _cloze_wh(answer):
@@ -86,7 +118,8 @@ def _question_words(body, i, j, window, rng):
 # up to 110 words of a section: as long as SQuAD's questions (10 words on average, half of
 # them from the answer's sentence) and nearer its paragraphs (110 words, median).
 STYLES = {"sentence": dict(max_words=90, drop=0.25, window=None),
-          "short": dict(max_words=110, drop=0.1, window=(6, 12), join=True)}
+          "short": dict(max_words=110, drop=0.1, window=(6, 12), join=True),
+          "mixed": dict(max_words=110, drop=0.1, window=(6, 12), join=True, answers="mixed")}
 
 
 def _passages(lines, unk, join):
@@ -117,7 +150,7 @@ def _passages(lines, unk, join):
 
 
 def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>", window=None,
-                    join=False):
+                    join=False, answers="named"):
     """Questions without labels from running text, in read_squad's form: span-selection
     pretraining for SQuAD. lines: WikiText lines (a line is a paragraph; headings,
     ' = Title = ', are skipped; ' @-@ ', ' @,@ ', ' @.@ ' are joined back). Each
@@ -128,8 +161,9 @@ def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>", window=
     without the span, each remaining word dropped with probability drop and `<unk>`
     words left out, so that the model must find the sentence by its words and pick what
     the question lacks, as in SQuAD. window (lo, hi): the question keeps only a run of
-    lo to hi of the sentence's words beside the span (_question_words). The same lines
-    and seed give the same questions.
+    lo to hi of the sentence's words beside the span (_question_words). answers 'mixed':
+    the spans are names, phrases and words in SQuAD's proportions (_mixed_answer). The
+    same lines and seed give the same questions.
     unk: the text that stands for WikiText's `<unk>` in the contexts (a subword
     tokenizer's unknown token, which it reads whole)."""
     rng = random.Random(seed)
@@ -148,7 +182,8 @@ def cloze_questions(lines, seed=0, max_words=90, drop=0.25, unk="<unk>", window=
             text = " ".join(w for sentence in context for w in sentence)
             qas, offset = [], 0
             for sentence in context:
-                span = _cloze_answer(sentence, rng) if 8 <= len(sentence) <= 40 else None
+                span = (_ANSWERS[answers](sentence, rng) if 8 <= len(sentence) <= 40
+                        else None)
                 if span is not None:
                     i, j = span
                     answer = " ".join(sentence[i:j])

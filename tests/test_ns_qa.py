@@ -341,6 +341,21 @@ def test_joined_contexts_run_across_paragraphs_but_not_headings():
             assert p["context"][start:start + len(text)] == text
 
 
+def test_mixed_answers_are_names_phrases_and_words():
+    rng = __import__("random").Random(0)
+    words = "In 1990 the Royal Navy sent a small fleet of armed ships to the Baltic Sea .".split()
+    spans = [cloze._mixed_answer(words, rng) for _ in range(400)]
+    texts = {" ".join(words[i:j]) for i, j in spans}
+    assert all(0 < i < j <= len(words) - 1 for i, j in spans)  # never the first word or the mark
+    named = {"1990", "Royal Navy", "Baltic Sea"}
+    assert named <= texts and "the Royal Navy" in texts and "small fleet" in texts
+    phrases = [t for t in texts if t not in named and " " in t]
+    assert all(t.split()[-1].isalpha() and len(t.split()) <= 5 for t in phrases)
+    share = sum(" ".join(words[i:j]) in named for i, j in spans) / len(spans)
+    assert 0.3 < share < 0.5  # four in ten
+    assert cloze._mixed_answer("and so it was .".split(), rng) is None
+
+
 def test_question_words_stay_inside_the_sentence():
     rng = __import__("random").Random(0)
     body = "a b c d e f g h".split()
