@@ -54,6 +54,13 @@ def build_parser():
         help="if > 0, read long contexts in overlapping windows this many tokens apart and take "
              "the best span of all windows (0: one window, the original)")
     add("--max-answer-len", type=int, default=30, help="longest answer considered, in tokens")
+    add("--decode", default="best", choices=["best", "expected-f1"],
+        help="the answer of a window: its most probable span (start + end score), or the span "
+             "with the highest expected F1 under the model's span distribution (minimum "
+             "Bayes risk: it trades exact matches for overlap)")
+    add("--decode-temperature", type=float, default=1.0,
+        help="with --decode expected-f1: the temperature of the span distribution (below 1 "
+             "leans toward the most probable span)")
     add("--dropout", type=float, default=None,
         help="dropout of the encoder (default: the value it was pretrained with)")
     add("--match-feature", action="store_true",
@@ -74,7 +81,9 @@ def build_parser():
         help="the --cloze-dir questions: 'sentence', the answer's whole sentence without it, "
              "a quarter of its words dropped, in contexts of up to 90 words of a paragraph; "
              "'short', 6 to 12 words beside the answer, a tenth dropped, in contexts of up to "
-             "110 words of a section (as long as SQuAD's questions and nearer its paragraphs)")
+             "110 words of a section (as long as SQuAD's questions and nearer its paragraphs); "
+             "'mixed', as 'short' with answers of the kinds SQuAD asks for: names, dates and "
+             "amounts, phrases of 2 to 5 words, single words")
     add("--cloze-fresh", action="store_true",
         help="with --cloze-dir: other questions from the same text every epoch (epoch k's "
              "made with seed k-1), as many windows as the first epoch's; without it every "
@@ -129,7 +138,9 @@ def check_args(args):
         if args.context is not None and args.context_file:
             raise utils.UserError("give --context or --context-file, not both")
     utils.check_positive(args, "epochs", "batch_size", "bptt", "log_interval", "lr",
-                         "max_answer_len")
+                         "max_answer_len", "decode_temperature")
+    if args.decode_temperature != 1.0 and args.decode != "expected-f1":
+        raise utils.UserError("--decode-temperature is for --decode expected-f1; add it")
     if args.holdout_articles < 0:
         raise utils.UserError(f"--holdout-articles must be 0 (off) or positive, got "
                               f"{args.holdout_articles}")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import cloze
 import monitor
 import squad
 from data import DataError
@@ -89,12 +90,20 @@ def parse(argv=None):
     p.add_argument("--no-tie-weights", dest="tie_weights", action="store_false",
                    help="pretrain without mlm_task.py --tie-weights (a separate masked-LM output "
                         "projection, as in the original)")
-    p.add_argument("--cloze-style", default="sentence", choices=["sentence", "short"],
+    p.add_argument("--cloze-style", default="sentence", choices=sorted(cloze.STYLES),
                    help="span-selection questions: the answer's whole sentence, or 6 to 12 of "
-                        "its words, as long as SQuAD's questions (qa_task.py --cloze-style)")
+                        "its words, as long as SQuAD's questions, with names for answers "
+                        "('short') or names, phrases and words ('mixed') (qa_task.py "
+                        "--cloze-style)")
     p.add_argument("--cloze-fresh", action="store_true",
                    help="span selection reads other questions from the same text every epoch "
                         "(qa_task.py --cloze-fresh)")
+    p.add_argument("--decode", default="best", choices=["best", "expected-f1"],
+                   help="the SQuAD steps' answers: the most probable span, or the span of "
+                        "highest expected F1 (qa_task.py --decode)")
+    p.add_argument("--decode-temperature", type=float, default=1.0,
+                   help="with --decode expected-f1: the span distribution's temperature "
+                        "(qa_task.py --decode-temperature)")
     helps = dict(emsize="model width", nhid="feed-forward width", nlayers="encoder layers",
                  nhead="attention heads", dropout="dropout in every step",
                  batch_size="sequences per batch, every step", bptt="tokens per sequence",
@@ -148,9 +157,11 @@ def commands(a, out):
           "--cache-dir", out / "cache", "--resume", *pretrain_freeze]
 
     def qa(tag, extra, freeze=a.freeze_embeddings, epochs=a.qa_epochs, seed=SEED):
+        decode = (["--decode", a.decode] if a.decode != "best" else []) + (
+            ["--decode-temperature", a.decode_temperature] if a.decode_temperature != 1.0 else [])
         files = (["--train-file", train, "--dev-file", dev, "--seed", seed]
                  + (["--holdout-articles", a.holdout_articles] if a.holdout_articles else [])
-                 if tag != "cloze" else [])
+                 + decode if tag != "cloze" else [])
         return ["qa_task.py", *common, "--bert-model", out / "ns_bert.pt", *files,
                 "--epochs", epochs, "--lr", a.qa_lr,
                 "--doc-stride", a.doc_stride, "--log-interval", 100,
@@ -304,7 +315,9 @@ def table(results, label, a):
         rows.append(f"| pretraining's gain | {'; '.join(gains)} | |")
     rows.append("")
     rows.append("± is the standard deviation over the seeds of the SQuAD steps; the "
-                "pretraining (stages 1-" + str(first - 1) + ") ran once.")
+                "pretraining (stages 1-" + str(first - 1) + ") ran once. SQuAD answers: "
+                + ("the most probable span of each window." if a.decode == "best" else
+                   f"the span of highest expected F1 (temperature {a.decode_temperature:g})."))
     return "\n".join(rows)
 
 

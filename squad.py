@@ -236,6 +236,40 @@ def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
     return best, flat // S, flat % S
 
 
+def expected_f1_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
+                      candidates=20, support=200, temperature=1.0):
+    """Per row, the span with the highest expected token F1 under the model's own span
+    distribution (minimum Bayes risk), instead of the most probable span.
+
+    The probable span of a weak model is often one word, the name or number it is surest
+    of, where the answer is a phrase around it; the expected F1 weighs every span by its
+    probability. The distribution is that of best_spans (start + end scores, softmax over
+    the allowed spans, at `temperature`: below 1 it leans toward the most probable span),
+    kept to its `support` most probable spans; the answer is chosen among the
+    `candidates` most probable. Returns (score, start, end) as best_spans does, score
+    being the highest span score of the row (to choose between a question's windows),
+    start and end the chosen span's.
+    """
+    F_, S = start_logits.shape
+    pos = torch.arange(S, device=start_logits.device)
+    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + window_len)[:, None])
+    scores = start_logits[:, :, None] + end_logits[:, None, :]
+    gap = pos[None, :] - pos[:, None]
+    allowed = ((gap >= 0) & (gap < max_answer_len))[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf")).view(F_, -1)
+    top, flat = scores.topk(min(support, S * S), dim=1)  # (F, M), most probable first
+    prob = torch.softmax(top / temperature, dim=1).nan_to_num(0.0)
+    s, e = flat // S, flat % S
+    k = min(candidates, top.shape[1])
+    cs, ce = s[:, :k, None], e[:, :k, None]  # (F, K, 1) against (F, 1, M)
+    overlap = (torch.minimum(ce, e[:, None]) - torch.maximum(cs, s[:, None]) + 1).clamp(min=0)
+    f1 = 2 * overlap / ((ce - cs + 1) + (e - s + 1).clamp(min=1)[:, None])  # (no 0/0 where
+    # fewer spans than `support` are allowed: the rest are not spans, and have probability 0)
+    gain = (f1 * prob[:, None]).sum(2).masked_fill(~torch.isfinite(top[:, :k]), -1.0)
+    pick = gain.argmax(1, keepdim=True)
+    return top[:, 0], s.gather(1, pick).squeeze(1), e.gather(1, pick).squeeze(1)
+
+
 # --------------------------------------------------------------------------- scoring
 
 def qa_logits(model, inputs, types, match, pad_id=PAD):
@@ -270,8 +304,9 @@ class Evaluator:
                     questions=len(self.examples), predictions=predictions)
 
     def decode(self, model):
-        """(spans, sums): spans (F, 6) per window: best span's score, start, end, the two
-        independent argmaxes, and the best span's probability among its window's spans;
+        """(spans, sums): spans (F, 6) per window: best span's score, the answer's start and
+        end (the best span's, or with --decode expected-f1 expected_f1_spans'), the two
+        independent argmaxes, and the answer's probability among its window's spans;
         sums of the loss over the windows that hold the answer, and their count."""
         decoded = []
 
@@ -280,8 +315,14 @@ class Evaluator:
                                            self.vocab.roles.pad)
             best, s, e, total = best_spans(s_logits, e_logits, w.ctx_start, w.window_len,
                                            self.args.max_answer_len, with_total=True)
+            chosen = best
+            if getattr(self.args, "decode", "best") == "expected-f1":
+                _, s, e = expected_f1_spans(s_logits, e_logits, w.ctx_start, w.window_len,
+                                            self.args.max_answer_len,
+                                            temperature=self.args.decode_temperature)
+                chosen = s_logits.gather(1, s[:, None])[:, 0] + e_logits.gather(1, e[:, None])[:, 0]
             decoded.append(torch.stack([best, s, e, s_logits.argmax(1), e_logits.argmax(1),
-                                        torch.exp(best - total)], 1).cpu())
+                                        torch.exp(chosen - total)], 1).cpu())
             has = w.start >= 0
             loss = (F.cross_entropy(s_logits[has], w.start[has], reduction="sum")
                     + F.cross_entropy(e_logits[has], w.end[has], reduction="sum")) / 2

@@ -147,6 +147,29 @@ def test_span_decoding():
     assert score[0] == 10.0
 
 
+def test_expected_f1_decoding():
+    """Where the start is spread over three words before one sure end, the most probable
+    span is the last word alone, but the span of highest expected F1 is the middle one;
+    a sure span is its own choice; the limits of best_spans hold."""
+    S = 12
+    s = torch.full((3, S), -20.0)
+    e = torch.full((3, S), -20.0)
+    s[0, 3], s[0, 4], s[0, 5], e[0, 5] = 0.0, 0.0, 0.1, 5.0
+    s[1, 7], e[1, 8] = 9.0, 9.0
+    s[2, 0], e[2, 0] = 50.0, 50.0  # <cls>: outside the context
+    s[2, 4], e[2, 10] = 5.0, 5.0  # too long for max_answer_len 4
+    e[2, 6] = 1.0
+    ctx_start, wlen = torch.tensor([2, 2, 2]), torch.tensor([9, 9, 9])
+    _, bs, be = squad.best_spans(s, e, ctx_start, wlen, 4)
+    score, start, end = squad.expected_f1_spans(s, e, ctx_start, wlen, 4)
+    assert (bs.tolist(), be.tolist()) == ([5, 7, 4], [5, 8, 6])
+    assert (start.tolist(), end.tolist()) == ([4, 7, 4], [5, 8, 6])
+    assert torch.allclose(score, torch.tensor([5.1, 18.0, 6.0]))  # the best span's score
+    # a low temperature leans toward the most probable span
+    _, cold_s, cold_e = squad.expected_f1_spans(s, e, ctx_start, wlen, 4, temperature=0.01)
+    assert (cold_s.tolist(), cold_e.tolist()) == (bs.tolist(), be.tolist())
+
+
 # ----------------------------------------------------------------- the pipeline
 
 def test_pipeline_mlm_ns_qa(tmp_path):
@@ -427,6 +450,29 @@ def test_fresh_short_cloze_questions_every_epoch(tmp_path):
     for flag in (["--cloze-fresh"], ["--cloze-style", "short"]):
         bad = run_script("qa_task.py", "--bert-model", "mlm_bert.pt", *flag, cwd=tmp_path, check=False)
         assert bad.returncode != 0 and f"{flag[0]} is for span-selection pretraining: add --cloze-dir" in bad.stderr
+
+
+def test_expected_f1_answers_end_to_end(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", cwd=tmp_path)
+    write_squad(tmp_path / "train.json", copies=2)
+    write_squad(tmp_path / "dev.json", prefix="d")
+    common = ["--bert-model", "mlm_bert.pt", "--batch_size", "8", "--bptt", "48", "--epochs", "1",
+              "--optimizer", "adamw", "--lr", "1e-3", "--train-file", "train.json",
+              "--dev-file", "dev.json", "--doc-stride", "16"]
+    runs = {}
+    for name, extra in (("best", []), ("ef1", ["--decode", "expected-f1"]),
+                        ("cold", ["--decode", "expected-f1", "--decode-temperature", "1e-6"])):
+        run_script("qa_task.py", *common, *extra, "--predictions", f"{name}.json",
+                   "--loss-log", f"{name}.txt", cwd=tmp_path)
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        record = monitor.read_results(tmp_path / f"{name}.jsonl")[-1]
+        assert record["questions"] == len(runs[name]) > 0
+    # the same model (same seed): only the choice of span differs; near 0 K it is the best span
+    assert runs["cold"] == runs["best"]
+    assert all(isinstance(v, str) for v in runs["ef1"].values())
+    bad = run_script("qa_task.py", *common, "--decode-temperature", "0.5", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "--decode-temperature is for --decode expected-f1" in bad.stderr
 
 
 def test_squad_files_official_first_then_the_dev_split(tmp_path):
