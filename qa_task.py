@@ -116,9 +116,8 @@ def check_args(args):
         raise utils.UserError(f"--{asking[0].replace('_', '-')} is for answering questions: add "
                               "--predict")
     if args.cloze_dir is None:
-        cloze_only = [f for f in ("cloze_fresh",) if getattr(args, f)]
-        if args.cloze_style != "sentence":
-            cloze_only.insert(0, "cloze_style")
+        cloze_only = [f for f, on in (("cloze_style", args.cloze_style != "sentence"),
+                                      ("cloze_fresh", args.cloze_fresh)) if on]
         if cloze_only:
             raise utils.UserError(f"--{cloze_only[0].replace('_', '-')} is for span-selection "
                                   "pretraining: add --cloze-dir DIR")
@@ -246,24 +245,25 @@ def main(args):
     ctx.print0(f"| train: {len(examples)} questions, {len(windows)} windows with the answer "
                f"inside | {chooser}: {len(dev.examples)} questions, {len(dev.windows)} windows")
 
-    sets = {1: windows}  # the windows of an epoch (the last one made, and the first's)
+    fresh = {}  # the windows of the last epoch made with --cloze-fresh
 
     def epoch_windows(epoch):
-        if args.cloze_dir is None or not args.cloze_fresh or epoch in sets:
-            return sets.get(epoch, windows)
-        paragraphs = cloze.cloze_split(cloze_text, tokenizer, args.bptt, args.cloze_style,
-                                       seed=epoch - 1)
-        _, more = squad.squad_features(paragraphs, tokenizer, vocab, args.bptt,
-                                       args.doc_stride or None, training=True, show=False)
-        if len(more) > len(windows):  # the first epoch's number of steps: a random subset
-            g = torch.Generator().manual_seed(epoch)
-            more = more[torch.randperm(len(more), generator=g)[:len(windows)].sort().values]
-        ctx.print0(f"| --cloze-fresh: epoch {epoch} reads "
-                   f"{sum(len(p['qas']) for p in paragraphs)} other questions (seed {epoch - 1}), "
-                   f"{len(more)} windows")
-        sets.clear()
-        sets.update({1: windows, epoch: more.to(ctx.device)})
-        return sets[epoch]
+        if args.cloze_dir is None or not args.cloze_fresh or epoch == 1:
+            return windows
+        if epoch not in fresh:
+            paragraphs = cloze.cloze_split(cloze_text, tokenizer, args.bptt, args.cloze_style,
+                                           seed=epoch - 1)
+            _, more = squad.squad_features(paragraphs, tokenizer, vocab, args.bptt,
+                                           args.doc_stride or None, training=True, show=False)
+            if len(more) > len(windows):  # the first epoch's number of steps: a random subset
+                g = torch.Generator().manual_seed(epoch)
+                more = more[torch.randperm(len(more), generator=g)[:len(windows)].sort().values]
+            ctx.print0(f"| --cloze-fresh: epoch {epoch} reads "
+                       f"{sum(len(p['qas']) for p in paragraphs)} other questions (seed "
+                       f"{epoch - 1}), {len(more)} windows")
+            fresh.clear()
+            fresh[epoch] = more.to(ctx.device)
+        return fresh[epoch]
 
     batches = lambda epoch: data.Batches(epoch_windows(epoch), batch_size=args.batch_size,
                                          shuffle=True, seed=args.seed, epoch=epoch,

@@ -214,6 +214,19 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
                              **{name: meta[:, j] for j, name in enumerate(names)})
 
 
+def _span_scores(start_logits, end_logits, ctx_start, window_len, max_answer_len):
+    """(F, S, S) start + end scores of every span, -inf where the span is not allowed
+    (start <= end < start + max_answer_len, both inside the context)."""
+    S = start_logits.shape[1]
+    pos = torch.arange(S, device=start_logits.device)
+    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + window_len)[:, None])  # (F, S)
+    scores = start_logits[:, :, None] + end_logits[:, None, :]  # (F, S start, S end)
+    gap = pos[None, :] - pos[:, None]  # end - start
+    allowed = (gap >= 0) & (gap < max_answer_len)  # (S, S)
+    allowed = allowed[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
 def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
                with_total=False):
     """Best span per row with start <= end < start + max_answer_len inside the context.
@@ -223,13 +236,7 @@ def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
     all those spans (score - total is the best span's log-probability among them).
     """
     F_, S = start_logits.shape
-    pos = torch.arange(S, device=start_logits.device)
-    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + window_len)[:, None])  # (F, S)
-    scores = start_logits[:, :, None] + end_logits[:, None, :]  # (F, S start, S end)
-    gap = pos[None, :] - pos[:, None]  # end - start
-    allowed = (gap >= 0) & (gap < max_answer_len)  # (S, S)
-    allowed = allowed[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = _span_scores(start_logits, end_logits, ctx_start, window_len, max_answer_len)
     best, flat = scores.view(F_, -1).max(dim=1)
     if with_total:
         return best, flat // S, flat % S, torch.logsumexp(scores.view(F_, -1), dim=1)
@@ -251,12 +258,8 @@ def expected_f1_spans(start_logits, end_logits, ctx_start, window_len, max_answe
     start and end the chosen span's.
     """
     F_, S = start_logits.shape
-    pos = torch.arange(S, device=start_logits.device)
-    in_ctx = (pos >= ctx_start[:, None]) & (pos < (ctx_start + window_len)[:, None])
-    scores = start_logits[:, :, None] + end_logits[:, None, :]
-    gap = pos[None, :] - pos[:, None]
-    allowed = ((gap >= 0) & (gap < max_answer_len))[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf")).view(F_, -1)
+    scores = _span_scores(start_logits, end_logits, ctx_start, window_len,
+                          max_answer_len).view(F_, -1)
     top, flat = scores.topk(min(support, S * S), dim=1)  # (F, M), most probable first
     prob = torch.softmax(top / temperature, dim=1).nan_to_num(0.0)
     s, e = flat // S, flat % S
