@@ -182,6 +182,10 @@ def load_into(model, path, kinds, vocab_fingerprint):
     returns the checkpoint."""
     ckpt = load(path, kinds)
     check_fit(ckpt, path, model.bert_model.config, vocab_fingerprint)
+    if (ckpt["kind"] == "qa_task" and isinstance(model, QuestionAnswerTask)
+            and model.shape_embed is not None and "shape_embed.weight" not in ckpt["model"]):
+        # --shape-feature from a QA model without it: the shape embedding starts as initialised
+        ckpt["model"] = {**ckpt["model"], "shape_embed.weight": model.shape_embed.weight.detach()}
     check_heads(ckpt["model"], model, path)
     if isinstance(model, QuestionAnswerTask) and ckpt.get("qa_head", "original") != model.head:
         raise UserError(f"{path} has the {ckpt.get('qa_head', 'original')!r} span head; pass "
@@ -201,6 +205,7 @@ def build(ckpt):
         model = NextSentenceTask(encoder)
     else:
         model = QuestionAnswerTask(encoder, match_feature="match_embed.weight" in state,
-                                   head=ckpt.get("qa_head", "original"))
+                                   head=ckpt.get("qa_head", "original"),
+                                   shape_feature="shape_embed.weight" in state)
     model.load_state_dict(state)
     return model

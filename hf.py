@@ -261,9 +261,11 @@ def export_state(model):
             raise UserError("this QA model has the original's span head (GELU before the "
                             "projection), which transformers' BertForQuestionAnswering does not "
                             "compute; fine-tune with qa_task.py --qa-head bert to export it")
-        if model.match_embed is not None:
-            raise UserError("this QA model reads the --match-feature input, which transformers' "
-                            "BERT has no place for; fine-tune without it to export")
+        for embed, flag in ((model.match_embed, "--match-feature"),
+                            (model.shape_embed, "--shape-feature")):
+            if embed is not None:
+                raise UserError(f"this QA model reads the {flag} input, which transformers' "
+                                "BERT has no place for; fine-tune without it to export")
         theirs.update({"qa_outputs.weight": state["qa_span.weight"],
                        "qa_outputs.bias": state["qa_span.bias"]})
     return arch, theirs, config_to_hf(enc.config, arch, head_eps, tied)

@@ -439,11 +439,14 @@ class QuestionAnswerTask(nn.Module):
     (and transformers' BertForQuestionAnswering), the linear layer alone.
     match_feature adds DrQA's exact-match feature: a learned embedding, added to the
     input embeddings, of match (N, S) 1 where a context word also occurs in the
-    question. Without it (the original) forward's match argument is ignored.
+    question. shape_feature adds a learned embedding of each token's shape in the raw
+    text (SHAPE_NAMES), which lower-casing hides: match then holds match + 2 * shape.
+    Without them (the original) forward's match argument is ignored.
     """
     HEADS = ("original", "bert")
+    SHAPE_NAMES = ("none", "lower", "Capitalised", "UPPER", "number", "other")
 
-    def __init__(self, bert_model, match_feature=False, head="original"):
+    def __init__(self, bert_model, match_feature=False, head="original", shape_feature=False):
         super().__init__()
         if head not in self.HEADS:
             raise ValueError(f"head must be one of {self.HEADS}, not {head!r}")
@@ -457,11 +460,20 @@ class QuestionAnswerTask(nn.Module):
             # init_weights' 0.02), so that the feature is not lost in their sum.
             std = float(bert_model.bert_embed.embed.weight.detach().float().std())
             nn.init.normal_(self.match_embed.weight, std=std)
+        self.shape_embed = None
+        if shape_feature:
+            self.shape_embed = nn.Embedding(len(self.SHAPE_NAMES), bert_model.ninp)
+            std = float(bert_model.bert_embed.embed.weight.detach().float().std())
+            nn.init.normal_(self.shape_embed.weight, std=std)
 
     def forward(self, src, token_type_input=None, key_padding_mask=None, match=None):
         extra = None
+        match = match if match is not None else torch.zeros_like(src)
         if self.match_embed is not None:
-            extra = self.match_embed(match if match is not None else torch.zeros_like(src))
+            extra = self.match_embed(match % 2 if self.shape_embed is not None else match)
+        if self.shape_embed is not None:
+            shape = self.shape_embed(match // 2)
+            extra = shape if extra is None else extra + shape
         out = self.bert_model(src, token_type_input, key_padding_mask, extra)
         start, end = self.qa_span(self.activation(out)).unbind(-1)
         return start, end

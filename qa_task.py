@@ -18,7 +18,6 @@ pretraining, see data.cloze_questions), for a SQuAD run that starts from its mod
 import json
 
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import cloze
@@ -54,6 +53,11 @@ def build_parser():
         help="if > 0, read long contexts in overlapping windows this many tokens apart and take "
              "the best span of all windows (0: one window, the original)")
     add("--max-answer-len", type=int, default=30, help="longest answer considered, in tokens")
+    add("--loss", default="start-end", choices=squad.LOSSES,
+        help="the training loss: 'start-end', the mean of the start and end cross-entropies "
+             "(the original's and BERT's); 'span', the cross-entropy of the answer's span among "
+             "all the spans the answer may be (start + end scores, as the decoding chooses), "
+             "so the model learns how long answers are")
     add("--decode", default="best", choices=["best", "expected-f1"],
         help="the answer of a window: its most probable span (start + end score), or the span "
              "with the highest expected F1 under the model's span distribution (minimum "
@@ -66,6 +70,11 @@ def build_parser():
     add("--match-feature", action="store_true",
         help="mark each context word that also occurs in the question with a learned input "
              "embedding (DrQA's exact-match feature); off: the original model")
+    add("--shape-feature", action="store_true",
+        help="mark each question and context token with a learned input embedding of its "
+             "shape in the raw text (lower case, Capitalised, UPPER CASE, number, other), "
+             "which the lower-casing tokenizer hides; with --checkpoint of a model without "
+             "it, that embedding starts at random")
     add("--qa-head", type=str, default="original", choices=QuestionAnswerTask.HEADS,
         help="the span head: 'original', GELU then a linear layer (the original example's); "
              "'bert', the linear layer alone (BERT's, which transformers' "
@@ -157,11 +166,11 @@ def squad_path(args, flag, name):
     return squad.squad_file(corpus.dataset_dir("SQuAD1", args.data_dir), name)
 
 
-def qa_loss(model, w, pad=data.PAD):
-    """Mean of the start and end cross-entropies (the original's loss) on Windows w; pad:
-    the padding id."""
+def qa_loss(model, w, pad=data.PAD, kind="start-end", max_answer_len=30):
+    """The loss on Windows w (squad.window_loss: 'start-end', the original's, or 'span');
+    pad: the padding id."""
     s_logits, e_logits = squad.qa_logits(model, w.input_ids, w.token_types, w.match, pad)
-    return (F.cross_entropy(s_logits, w.start) + F.cross_entropy(e_logits, w.end)) / 2
+    return squad.window_loss(s_logits, e_logits, w, kind, max_answer_len)
 
 
 def describe(split, r):
@@ -185,6 +194,7 @@ def predict(args):
     ckpt = checkpoint.load(args.save, "qa_task")
     checkpoint.check_fit(ckpt, args.save, ckpt["config"], vocab.fingerprint)  # the vocabulary
     raw = checkpoint.build(ckpt).to(ctx.device)
+    args.shape_feature = raw.shape_embed is not None  # the questions read as it was trained
     if not args.doc_stride:
         args.doc_stride = max(1, args.bptt // 2)  # a long context is read whole, in windows
     reader = squad.Evaluator(paragraphs, args, tokenizer, vocab, ctx)
@@ -221,7 +231,7 @@ def main(args):
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     recorder = train.recorder(args, ctx)
     raw = QuestionAnswerTask(encoder(args, vocab, ctx), match_feature=args.match_feature,
-                             head=args.qa_head)
+                             head=args.qa_head, shape_feature=args.shape_feature)
     model = train.prepare_model(raw, args, ctx)
 
     if args.cloze_dir is not None:
@@ -238,7 +248,7 @@ def main(args):
         dev_source = squad_path(args, "dev_file", "dev-v1.1.json")
     examples, windows = squad.squad_features(train_paragraphs, tokenizer, vocab, args.bptt,
                                              args.doc_stride or None, training=True,
-                                             show=ctx.main)
+                                             show=ctx.main, shape=args.shape_feature)
     windows = windows.to(ctx.device)
     dev = squad.Evaluator(dev_source, args, tokenizer, vocab, ctx)
     chooser = f"held-out articles ({args.holdout_articles})" if args.holdout_articles else "dev"
@@ -254,7 +264,8 @@ def main(args):
             paragraphs = cloze.cloze_split(cloze_text, tokenizer, args.bptt, args.cloze_style,
                                            seed=epoch - 1)
             _, more = squad.squad_features(paragraphs, tokenizer, vocab, args.bptt,
-                                           args.doc_stride or None, training=True, show=False)
+                                           args.doc_stride or None, training=True, show=False,
+                                           shape=args.shape_feature)
             if len(more) > len(windows):  # the first epoch's number of steps: a random subset
                 g = torch.Generator().manual_seed(epoch)
                 more = more[torch.randperm(len(more), generator=g)[:len(windows)].sort().values]
@@ -269,7 +280,8 @@ def main(args):
                                          shuffle=True, seed=args.seed, epoch=epoch,
                                          **ctx.shard(True))
     task = train.Task(
-        "qa_task", lambda m, w: qa_loss(m, w, vocab.roles.pad), batches, len(batches(1)), lambda model: numbers(dev(model)), describe,
+        "qa_task", lambda m, w: qa_loss(m, w, vocab.roles.pad, args.loss, args.max_answer_len),
+        batches, len(batches(1)), lambda model: numbers(dev(model)), describe,
         args.save, vocab.fingerprint, select=lambda r: -r["f1"])
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)
     trainer.fit()

@@ -81,6 +81,10 @@ def parse(argv=None):
                         "trained (stage 6)")
     p.add_argument("--no-match-feature", dest="match_feature", action="store_false",
                    help="fine-tune the original QA model, without qa_task.py --match-feature")
+    p.add_argument("--no-shape-feature", dest="shape_feature", action="store_false",
+                   help="span selection, SQuAD and the baselines without qa_task.py "
+                        "--shape-feature (each token's shape in the raw text: lower case, "
+                        "Capitalised, UPPER CASE, number), as the recipe was before it")
     p.add_argument("--no-freeze-embeddings", dest="freeze_embeddings", action="store_false",
                    help="let QA fine-tuning train the word embeddings (without qa_task.py "
                         "--freeze-embeddings)")
@@ -168,6 +172,7 @@ def commands(a, out):
                 "--save", out / f"{tag}_model.pt", "--predictions", out / f"{tag}_predictions.json",
                 "--loss-log", out / f"{tag}_loss.txt", "--state-file", out / f"{tag}_state.pt",
                 "--resume", *(["--match-feature"] if a.match_feature else []),
+                *(["--shape-feature"] if a.shape_feature else []),
                 *(["--freeze-embeddings"] if freeze else []), *extra]
     stages = [("mlm", mlm, out / "mlm_loss.jsonl"), ("ns", ns, out / "ns_loss.jsonl")]
     start = []
@@ -315,7 +320,9 @@ def table(results, label, a):
         rows.append(f"| pretraining's gain | {'; '.join(gains)} | |")
     rows.append("")
     rows.append("± is the standard deviation over the seeds of the SQuAD steps; the "
-                "pretraining (stages 1-" + str(first - 1) + ") ran once. SQuAD answers: "
+                "pretraining (stages 1-" + str(first - 1) + ") ran once. "
+                + ("" if a.shape_feature else "Without the tokens' shapes "
+                   "(--no-shape-feature). ") + "SQuAD answers: "
                 + ("the most probable span of each window." if a.decode == "best" else
                    f"the span of highest expected F1 (temperature {a.decode_temperature:g})."))
     return "\n".join(rows)

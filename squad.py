@@ -117,7 +117,9 @@ class Windows:
         input_ids, token_types (F, S)  <cls> question <sep> window <sep> <pad>...; types 0
                                        up to the first <sep>, 1 after
         match (F, S)                   1 at a context token whose word (its text, so
-                                       `<unk>` words too) is a word of the question
+                                       `<unk>` words too) is a word of the question;
+                                       with shapes, + 2 * token_shape at every question
+                                       and context token
         start, end (F,)                answer positions in the input (-1: not inside)
         example (F,)                   the question's index in the examples
         ctx_start (F,)                 input position of the window's first context token
@@ -149,8 +151,22 @@ class Windows:
         return Windows(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+def token_shape(text):
+    """The shape of a token's raw text, an index of QuestionAnswerTask.SHAPE_NAMES: 1 a
+    lower-case word, 2 Capitalised, 3 UPPER CASE (two letters or more), 4 holds a digit,
+    5 anything else (punctuation, letters without case)."""
+    if any(c.isdigit() for c in text):
+        return 4
+    letters = [c for c in text if c.isalpha()]
+    if not letters or not (letters[0].isupper() or letters[0].islower()):
+        return 5
+    if len(letters) > 1 and all(c.isupper() for c in letters):
+        return 3
+    return 2 if letters[0].isupper() else 1
+
+
 def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training=False,
-                   show=True):
+                   show=True, shape=False):
     """Model inputs for SQuAD: <cls> question <sep> context window <sep>, padded to bptt.
 
     Without doc_stride each question gets one window, the start of its context (the
@@ -160,7 +176,8 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
     <cls> with it (as BERT's run_squad does).
 
     Returns (examples, windows): examples[k] = dict(id, context, answers, spans, gold);
-    windows: a Windows, one row per window. show: print progress.
+    windows: a Windows, one row per window. show: print progress. shape: match also
+    holds 2 * token_shape of every question and context token (--shape-feature).
     """
     examples, rows, roles = [], [], vocab.roles
     shown = monitor.Progress("preparing SQuAD windows", sum(len(p["qas"]) for p in paragraphs),
@@ -168,11 +185,19 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
     for para in paragraphs:
         ctx_tokens, spans = tokenizer.tokenize_with_spans(para["context"])
         ctx_ids = vocab.lookup_indices(ctx_tokens)
+        ctx_shapes = [token_shape(para["context"][a:b]) for a, b in spans] if shape else None
         for qa in para["qas"]:
-            q_tokens = tokenizer(qa["question"])
+            if shape:
+                q_tokens, q_spans = tokenizer.tokenize_with_spans(qa["question"])
+            else:
+                q_tokens = tokenizer(qa["question"])
             q_ids = vocab.lookup_indices(q_tokens)
             q_words = {t for t in q_tokens if any(c.isalnum() for c in t)}
             ctx_match = [int(t in q_words) for t in ctx_tokens]
+            q_shapes = []
+            if shape:
+                q_shapes = [2 * token_shape(qa["question"][a:b]) for a, b in q_spans]
+                ctx_match = [m + 2 * x for m, x in zip(ctx_match, ctx_shapes)]
             budget = bptt - len(q_ids) - 3
             if budget < 1:
                 raise DataError(f"question {qa['id']} has {len(q_ids)} tokens, which leaves no "
@@ -193,7 +218,7 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
                     target = (0, 0)  # BERT: a window without the answer points at <cls>
                 if not (training and target[0] < 0):
                     rows.append((k, [roles.cls] + q_ids + [roles.sep] + window + [roles.sep], ctx_start, w,
-                                 len(window), target, ctx_match[w:w + budget]))
+                                 len(window), target, ctx_match[w:w + budget], q_shapes))
                 if step is None or w + budget >= len(ctx_ids):
                     break
                 w += step
@@ -204,10 +229,11 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
     types = torch.ones((n, bptt), dtype=torch.long)
     match = torch.zeros((n, bptt), dtype=torch.long)
     meta = torch.zeros((n, 6), dtype=torch.long)
-    for i, (k, seq, ctx_start, w, wlen, (s, e), window_match) in enumerate(rows):
+    for i, (k, seq, ctx_start, w, wlen, (s, e), window_match, q_shapes) in enumerate(rows):
         input_ids[i, :len(seq)] = torch.tensor(seq)
         types[i, :ctx_start] = 0
         match[i, ctx_start:ctx_start + wlen] = torch.tensor(window_match, dtype=torch.long)
+        match[i, 1:1 + len(q_shapes)] = torch.tensor(q_shapes, dtype=torch.long)
         meta[i] = torch.tensor([s, e, k, ctx_start, w, wlen])
     names = ("start", "end", "example", "ctx_start", "window", "window_len")
     return examples, Windows(input_ids=input_ids, token_types=types, match=match,
@@ -225,6 +251,31 @@ def _span_scores(start_logits, end_logits, ctx_start, window_len, max_answer_len
     allowed = (gap >= 0) & (gap < max_answer_len)  # (S, S)
     allowed = allowed[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
     return scores.masked_fill(~allowed, float("-inf"))
+
+
+LOSSES = ("start-end", "span")
+
+
+def window_loss(start_logits, end_logits, w, kind="start-end", max_answer_len=30,
+                reduction="mean"):
+    """The loss of Windows w whose answer is inside them (w.start >= 0).
+
+    'start-end': the mean of the start and end cross-entropies (the original's, and
+    BERT's): each position on its own, so nothing ties the end to the start. 'span': the
+    cross-entropy of the answer's span among all the spans the decoding may choose
+    (start + end scores, softmax over the allowed spans, as best_spans scores them), so
+    that the model learns how long answers are; an answer longer than max_answer_len is
+    counted among them."""
+    if kind == "start-end":
+        return (F.cross_entropy(start_logits, w.start, reduction=reduction)
+                + F.cross_entropy(end_logits, w.end, reduction=reduction)) / 2
+    F_, S = start_logits.shape
+    rows = torch.arange(F_, device=start_logits.device)
+    scores = _span_scores(start_logits, end_logits, w.ctx_start, w.window_len, max_answer_len)
+    gold = start_logits[rows, w.start] + end_logits[rows, w.end]
+    scores = scores.index_put((rows, w.start, w.end), gold)  # allowed even when too long
+    loss = torch.logsumexp(scores.view(F_, -1), dim=1) - gold
+    return loss.sum() if reduction == "sum" else loss.mean()
 
 
 def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
@@ -291,7 +342,8 @@ class Evaluator:
     def __init__(self, source, args, tokenizer, vocab, ctx):
         paragraphs = source if isinstance(source, list) else read_squad(source)
         self.examples, self.windows = squad_features(
-            paragraphs, tokenizer, vocab, args.bptt, args.doc_stride or None, show=ctx.main)
+            paragraphs, tokenizer, vocab, args.bptt, args.doc_stride or None, show=ctx.main,
+            shape=getattr(args, "shape_feature", False))
         self.args, self.vocab, self.ctx = args, vocab, ctx
         self.batches = data.Batches(self.windows.to(ctx.device), batch_size=args.batch_size,
                                     rank=ctx.rank, world=ctx.world)
@@ -327,8 +379,9 @@ class Evaluator:
             decoded.append(torch.stack([best, s, e, s_logits.argmax(1), e_logits.argmax(1),
                                         torch.exp(chosen - total)], 1).cpu())
             has = w.start >= 0
-            loss = (F.cross_entropy(s_logits[has], w.start[has], reduction="sum")
-                    + F.cross_entropy(e_logits[has], w.end[has], reduction="sum")) / 2
+            loss = window_loss(s_logits[has], e_logits[has], w[has],
+                               getattr(self.args, "loss", "start-end"),
+                               self.args.max_answer_len, reduction="sum")
             return dict(loss=loss, count=has.sum())
 
         sums = train.evaluate(model, self.batches, step, self.args, self.ctx)

@@ -121,6 +121,8 @@ def test_export_refuses_what_transformers_cannot_compute(tmp_path):
         hf.write_folder(QuestionAnswerTask(enc), tmp_path)
     with pytest.raises(utils.UserError, match="match-feature"):
         hf.write_folder(QuestionAnswerTask(enc, match_feature=True, head="bert"), tmp_path)
+    with pytest.raises(utils.UserError, match="shape-feature"):
+        hf.write_folder(QuestionAnswerTask(enc, shape_feature=True, head="bert"), tmp_path)
     with pytest.raises(utils.UserError, match="pre-LayerNorm"):
         hf.write_folder(BertModel(50, 32, 2, 64, 2, 0.1, norm_first=True), tmp_path)
     with pytest.raises(utils.UserError, match="epsilon"):

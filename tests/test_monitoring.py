@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import checkpoint
 import data
 import monitor
 import squad
@@ -261,6 +263,7 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     assert "Precision: fp32 (--amp none)." in table and "--amp none" in results["mlm"]["command"]
     assert table.count("--freeze-embeddings") == 5  # the QA stages 3-5 (two seeds); 6 trains them
     assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 2
+    assert table.count("--shape-feature") == 7  # every QA stage, by default
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 9
@@ -306,3 +309,27 @@ def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
     small = subprocess.run(cmd[:-1] + ["50"], cwd=tmp_path, env=script_env(),
                            capture_output=True, text=True, timeout=60)
     assert small.returncode != 0 and "--vocab-size 50 is too small" in small.stderr
+
+
+def test_shape_feature_from_a_model_without_it(trained_qa):
+    """--shape-feature fine-tunes on from a QA model without it (its shape embedding starts
+    at random); --predict then reads the questions with shapes, as the evaluation did."""
+    tmp = trained_qa
+    run_script("qa_task.py", "--bert-model", "mlm_bert.pt", "--train-file", "train.json",
+               "--dev-file", "dev.json", "--batch_size", "8", "--bptt", "48", "--epochs", "1",
+               "--match-feature", "--shape-feature", "--optimizer", "adamw", "--lr", "1e-3",
+               "--checkpoint", "qa_model.pt", "--save", "shape.pt", "--predictions",
+               "shape_answers.json", "--loss-log", "shape_loss.txt", cwd=tmp)
+    state = checkpoint.load(tmp / "shape.pt", "qa_task")["model"]
+    assert state["shape_embed.weight"].shape[0] == 6
+    before = checkpoint.load(tmp / "qa_model.pt", "qa_task")["model"]
+    assert not torch.equal(before["match_embed.weight"], state["match_embed.weight"])
+    run_script("qa_task.py", "--predict", "--predict-file", "dev.json", "--bptt", "48",
+               "--save", "shape.pt", "--predictions", "shape_asked.json", cwd=tmp)
+    assert (json.loads((tmp / "shape_asked.json").read_text())
+            == json.loads((tmp / "shape_answers.json").read_text()))
+    back = run_script("qa_task.py", "--bert-model", "mlm_bert.pt", "--train-file", "train.json",
+                      "--dev-file", "dev.json", "--bptt", "48", "--match-feature", "--checkpoint",
+                      "shape.pt", "--save", "other.pt", cwd=tmp, check=False)
+    assert back.returncode == 2 and "shape_embed.weight" in back.stderr
+    assert "Traceback" not in back.stderr and not (tmp / "other.pt").exists()

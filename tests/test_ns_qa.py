@@ -1,5 +1,7 @@
 import json
+import math
 import re
+import types
 
 import numpy as np
 import pytest
@@ -168,6 +170,53 @@ def test_expected_f1_decoding():
     # a low temperature leans toward the most probable span
     _, cold_s, cold_e = squad.expected_f1_spans(s, e, ctx_start, wlen, 4, temperature=0.01)
     assert (cold_s.tolist(), cold_e.tolist()) == (bs.tolist(), be.tolist())
+
+
+def test_shape_feature_marks_what_lower_casing_hides():
+    assert [squad.token_shape(t) for t in ("the", "The", "NASA", "1990", "(", "I", "iPhone",
+                                           "戦場", "3rd")] == [1, 2, 3, 4, 5, 2, 1, 5, 4]
+    para = [dict(context="In 1990 NASA launched the Hubble telescope.",
+                 qas=[dict(id="q", question="What did NASA launch in 1990?",
+                           answers=[("the Hubble telescope", 25)])])]
+    tok = data.Tokenizer()
+    vocab = data.Vocab.build([tok(para[0]["context"] + " " + para[0]["qas"][0]["question"])])
+    _, plain = squad.squad_features(para, tok, vocab, 48)
+    _, shaped = squad.squad_features(para, tok, vocab, 48, shape=True)
+    assert torch.equal(plain.input_ids, shaped.input_ids) and torch.equal(plain.start, shaped.start)
+    assert torch.equal(shaped.match % 2, plain.match)  # the exact-match bit is kept
+    c = int(plain.ctx_start[0])
+    #       <cls> what did nasa launch in 1990 ? <sep>
+    assert (shaped.match[0, :c] // 2).tolist() == [0, 2, 1, 3, 1, 1, 4, 5, 0]
+    #       in 1990 nasa launched the hubble telescope . <sep>
+    assert (shaped.match[0, c:c + 9] // 2).tolist() == [2, 4, 3, 1, 1, 2, 1, 5, 0]
+
+
+def test_span_loss_is_the_cross_entropy_over_the_allowed_spans():
+    """--loss span: -log softmax of the answer's span among the spans best_spans may
+    choose (an answer longer than max_answer_len counted too), checked span by span; its
+    gradient pushes down the spans the start-end loss leaves alone."""
+    torch.manual_seed(0)
+    S, L = 16, 5
+    s, e = torch.randn(4, S, requires_grad=True), torch.randn(4, S, requires_grad=True)
+    w = types.SimpleNamespace(start=torch.tensor([3, 5, 6, 4]), end=torch.tensor([4, 5, 15, 4]),
+                              ctx_start=torch.tensor([3, 3, 3, 4]),
+                              window_len=torch.tensor([12, 12, 13, 10]))
+    loss = squad.window_loss(s, e, w, "span", L)
+    expected = []
+    for i in range(4):
+        lo, hi = int(w.ctx_start[i]), int(w.ctx_start[i] + w.window_len[i])
+        spans = [(a, b) for a in range(lo, hi) for b in range(a, min(a + L, hi))]
+        if (int(w.start[i]), int(w.end[i])) not in spans:  # row 2: 10 tokens long
+            spans.append((int(w.start[i]), int(w.end[i])))
+        scores = torch.stack([s[i, a] + e[i, b] for a, b in spans])
+        expected.append(torch.logsumexp(scores, 0) - s[i, w.start[i]] - e[i, w.end[i]])
+    assert torch.allclose(loss, torch.stack(expected).mean())
+    assert torch.allclose(squad.window_loss(s, e, w, "span", L, reduction="sum"), loss * 4)
+    start_end = squad.window_loss(s, e, w)
+    assert torch.allclose(start_end, (torch.nn.functional.cross_entropy(s, w.start)
+                                      + torch.nn.functional.cross_entropy(e, w.end)) / 2)
+    loss.backward()
+    assert s.grad[0, :3].abs().sum() == 0 and s.grad[0, 3:15].abs().sum() > 0  # <cls>, question
 
 
 # ----------------------------------------------------------------- the pipeline
@@ -462,7 +511,8 @@ def test_expected_f1_answers_end_to_end(tmp_path):
               "--dev-file", "dev.json", "--doc-stride", "16"]
     runs = {}
     for name, extra in (("best", []), ("ef1", ["--decode", "expected-f1"]),
-                        ("cold", ["--decode", "expected-f1", "--decode-temperature", "1e-6"])):
+                        ("cold", ["--decode", "expected-f1", "--decode-temperature", "1e-6"]),
+                        ("span", ["--loss", "span"])):
         run_script("qa_task.py", *common, *extra, "--predictions", f"{name}.json",
                    "--loss-log", f"{name}.txt", cwd=tmp_path)
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
@@ -470,6 +520,9 @@ def test_expected_f1_answers_end_to_end(tmp_path):
         assert record["questions"] == len(runs[name]) > 0
     # the same model (same seed): only the choice of span differs; near 0 K it is the best span
     assert runs["cold"] == runs["best"]
+    losses = {n: [r["loss"] for r in monitor.read_results(tmp_path / f"{n}.jsonl")]
+              for n in ("best", "span")}
+    assert all(math.isfinite(x) for x in losses["span"]) and losses["span"] != losses["best"]
     assert all(isinstance(v, str) for v in runs["ef1"].values())
     bad = run_script("qa_task.py", *common, "--decode-temperature", "0.5", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "--decode-temperature is for --decode expected-f1" in bad.stderr
