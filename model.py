@@ -454,17 +454,17 @@ class QuestionAnswerTask(nn.Module):
         self.activation = F.gelu if head == "original" else nn.Identity()
         self.qa_span = nn.Linear(bert_model.ninp, 2)
         self.qa_span.apply(init_weights)
-        self.match_embed = nn.Embedding(2, bert_model.ninp) if match_feature else None
-        if match_feature:
-            # As large as the word embeddings it is added to (pretraining grows them past
-            # init_weights' 0.02), so that the feature is not lost in their sum.
-            std = float(bert_model.bert_embed.embed.weight.detach().float().std())
-            nn.init.normal_(self.match_embed.weight, std=std)
-        self.shape_embed = None
-        if shape_feature:
-            self.shape_embed = nn.Embedding(len(self.SHAPE_NAMES), bert_model.ninp)
-            std = float(bert_model.bert_embed.embed.weight.detach().float().std())
-            nn.init.normal_(self.shape_embed.weight, std=std)
+        self.match_embed = self._feature(2) if match_feature else None
+        self.shape_embed = self._feature(len(self.SHAPE_NAMES)) if shape_feature else None
+
+    def _feature(self, n):
+        """An input-feature embedding of n values, as large as the word embeddings it is
+        added to (pretraining grows them past init_weights' 0.02), so that the feature is
+        not lost in their sum."""
+        embed = nn.Embedding(n, self.bert_model.ninp)
+        std = float(self.bert_model.bert_embed.embed.weight.detach().float().std())
+        nn.init.normal_(embed.weight, std=std)
+        return embed
 
     def forward(self, src, token_type_input=None, key_padding_mask=None, match=None):
         extra = None

@@ -185,19 +185,17 @@ def squad_features(paragraphs, tokenizer, vocab, bptt, doc_stride=None, training
     for para in paragraphs:
         ctx_tokens, spans = tokenizer.tokenize_with_spans(para["context"])
         ctx_ids = vocab.lookup_indices(ctx_tokens)
-        ctx_shapes = [token_shape(para["context"][a:b]) for a, b in spans] if shape else None
+        ctx_shapes = [token_shape(para["context"][a:b]) if shape else 0 for a, b in spans]
         for qa in para["qas"]:
+            q_shapes = []
             if shape:
                 q_tokens, q_spans = tokenizer.tokenize_with_spans(qa["question"])
+                q_shapes = [2 * token_shape(qa["question"][a:b]) for a, b in q_spans]
             else:
                 q_tokens = tokenizer(qa["question"])
             q_ids = vocab.lookup_indices(q_tokens)
             q_words = {t for t in q_tokens if any(c.isalnum() for c in t)}
-            ctx_match = [int(t in q_words) for t in ctx_tokens]
-            q_shapes = []
-            if shape:
-                q_shapes = [2 * token_shape(qa["question"][a:b]) for a, b in q_spans]
-                ctx_match = [m + 2 * x for m, x in zip(ctx_match, ctx_shapes)]
+            ctx_match = [int(t in q_words) + 2 * x for t, x in zip(ctx_tokens, ctx_shapes)]
             budget = bptt - len(q_ids) - 3
             if budget < 1:
                 raise DataError(f"question {qa['id']} has {len(q_ids)} tokens, which leaves no "
