@@ -112,7 +112,7 @@ def build_parser():
     ask.add_argument("--context-file", type=str, default=None,
                      help="read the context from this text file")
     ask.add_argument("--predict-file", type=str, default=None,
-                     help="a JSON file of questions: SQuAD format, or a list of "
+                     help="a JSON file (plain or .gz) of questions: SQuAD format, or a list of "
                           "{\"question\": ..., \"context\": ..., \"id\": optional}; the answers "
                           "also go to --predictions")
     return p

@@ -456,11 +456,11 @@ def questions_to_answer(question=None, context=None, context_file=None, predict_
         return [dict(context=context, qas=[dict(id="1", question=question, answers=[])])]
     path = predict_file
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:  # plain or .gz, as the training and evaluation files
             doc = json.load(f)
     except OSError as e:
-        raise UserError(f"cannot read --predict-file {path}: {e.strerror}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --predict-file {path}: {e.strerror or e}")
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError) as e:
         raise UserError(f"--predict-file {path} is not valid JSON: {e}")
     paragraphs = []
     try:

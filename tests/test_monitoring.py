@@ -1,5 +1,6 @@
 """Seeing and using results: progress, TensorBoard, plots, --predict, the laptop recipe."""
 import ast
+import gzip
 import io
 import json
 import re
@@ -170,6 +171,16 @@ def test_predict_answers_like_the_evaluation(trained_qa):
     proc = run_script("qa_task.py", "--predict", "--predict-file", "dev.json", "--bptt", "48",
                       "--predictions", "asked.json", cwd=tmp)
     assert json.loads((tmp / "asked.json").read_text()) == evaluated
+    with gzip.open(tmp / "dev.json.gz", "wt", encoding="utf-8") as f:  # as the SQuAD files
+        f.write((tmp / "dev.json").read_text())
+    run_script("qa_task.py", "--predict", "--predict-file", "dev.json.gz", "--bptt", "48",
+               "--predictions", "asked_gz.json", cwd=tmp)
+    assert json.loads((tmp / "asked_gz.json").read_text()) == evaluated
+    (tmp / "plain.json.gz").write_text((tmp / "dev.json").read_text())
+    bad = run_script("qa_task.py", "--predict", "--predict-file", "plain.json.gz", "--bptt", "48",
+                     cwd=tmp, check=False)
+    assert bad.returncode == 2 and "cannot read --predict-file plain.json.gz" in bad.stderr
+    assert "Traceback" not in bad.stderr
     assert len(re.findall(r"^\| answer: .* \| score -?[\d.]+ \| probability [\d.]+$", proc.stdout,
                           re.M)) == 9
     (tmp / "mine.json").write_text(json.dumps([
