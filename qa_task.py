@@ -58,10 +58,13 @@ def build_parser():
              "(the original's and BERT's); 'span', the cross-entropy of the answer's span among "
              "all the spans the answer may be (start + end scores, as the decoding chooses), "
              "so the model learns how long answers are")
-    add("--decode", default="best", choices=["best", "expected-f1"],
+    add("--decode", default="best", choices=["best", "expected-f1", "choose"],
         help="the answer of a window: its most probable span (start + end score), or the span "
              "with the highest expected F1 under the model's span distribution (minimum "
-             "Bayes risk: it trades exact matches for overlap)")
+             "Bayes risk: it trades exact matches for overlap); 'choose' (with "
+             "--holdout-articles): after training, the one of 'best' and 'expected-f1' at "
+             "temperatures 1, 0.8, 0.67, 0.5 with the highest F1 on the held-out articles "
+             "(the epochs are chosen with 'best')")
     add("--decode-temperature", type=float, default=1.0,
         help="with --decode expected-f1: the temperature of the span distribution (below 1 "
              "leans toward the most probable span)")
@@ -148,7 +151,12 @@ def check_args(args):
     utils.check_positive(args, "epochs", "batch_size", "bptt", "log_interval", "lr",
                          "max_answer_len", "decode_temperature")
     if args.decode_temperature != 1.0 and args.decode != "expected-f1":
-        raise utils.UserError("--decode-temperature is for --decode expected-f1; add it")
+        raise utils.UserError("--decode-temperature is for --decode expected-f1; add it"
+                              + (" (--decode choose chooses it)" if args.decode == "choose" else ""))
+    if args.decode == "choose" and (args.predict or not args.holdout_articles):
+        raise utils.UserError("--decode choose chooses on held-out training articles: "
+                              + ("give the chosen --decode (and --decode-temperature) to "
+                                 "--predict" if args.predict else "add --holdout-articles N"))
     if args.holdout_articles < 0:
         raise utils.UserError(f"--holdout-articles must be 0 (off) or positive, got "
                               f"{args.holdout_articles}")
@@ -223,6 +231,27 @@ def encoder(args, vocab, ctx):
     return model
 
 
+def choose_decoding(args, held_out, model, recorder, ctx):
+    """--decode choose: score the kept model's answers on the held-out articles under each
+    of squad.DECODINGS, keep the one of the highest F1 in args (the first of a tie), and
+    record them all."""
+    tried = []
+    for decode, temperature in squad.DECODINGS:
+        args.decode, args.decode_temperature = decode, temperature
+        r = held_out(model)
+        tried.append(dict(decode=decode, temperature=temperature, exact=r["exact"], f1=r["f1"]))
+        ctx.print0(f"| decoding on the held-out articles: {squad.decoding_name(decode, temperature):18s}"
+                   f" | exact {r['exact']:8.3f}% | f1 {r['f1']:8.3f}%")
+    best = max(tried, key=lambda t: t["f1"])  # max keeps the first of equal ones
+    args.decode, args.decode_temperature = best["decode"], best["temperature"]
+    recorder.write(dict(record="decode", tried=tried, **best))
+    name = squad.decoding_name(args.decode, args.decode_temperature)
+    flags = "" if args.decode == "best" else (
+        f" --decode expected-f1 --decode-temperature {args.decode_temperature:g}")
+    ctx.print0(f"| decoding chosen: {name} (held-out F1 {best['f1']:.3f}); "
+               f"--predict answers the same with{flags or ' the default --decode best'}")
+
+
 def main(args):
     check_args(args)
     if args.predict:
@@ -285,6 +314,8 @@ def main(args):
         args.save, vocab.fingerprint, select=lambda r: -r["f1"])
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)
     trainer.fit()
+    if args.decode == "choose":
+        choose_decoding(args, dev, model, recorder, ctx)
     final = squad.Evaluator(args.test_file, args, tokenizer, vocab, ctx) if args.test_file else dev
     r = final(model)
     trainer.finish(numbers(r), "test" if args.test_file else "dev")

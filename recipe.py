@@ -102,9 +102,11 @@ def parse(argv=None):
     p.add_argument("--cloze-fresh", action="store_true",
                    help="span selection reads other questions from the same text every epoch "
                         "(qa_task.py --cloze-fresh)")
-    p.add_argument("--decode", default="best", choices=["best", "expected-f1"],
+    p.add_argument("--decode", default="best", choices=["best", "expected-f1", "choose"],
                    help="the SQuAD steps' answers: the most probable span, or the span of "
-                        "highest expected F1 (qa_task.py --decode)")
+                        "highest expected F1, or ('choose') the one of these, with its "
+                        "temperature, of the highest F1 on the held-out articles, per run "
+                        "(qa_task.py --decode)")
     p.add_argument("--decode-temperature", type=float, default=1.0,
                    help="with --decode expected-f1: the span distribution's temperature "
                         "(qa_task.py --decode-temperature)")
@@ -217,9 +219,12 @@ def scores(name, path):
         return {}
     valid = [r for r in records if r["record"] == "valid"]
     chosen = max(valid, key=lambda r: r["f1"]) if valid else {}  # the epoch the run kept
+    decoding = last("decode")  # with --decode choose: the one chosen, and its held-out F1
     return dict(EM=test["exact"], F1=test["f1"], questions=test["questions"], kept=test["orig_n"],
                 orig_exact=test["orig_exact"], orig_f1=test["orig_f1"],
-                chosen_epoch=chosen.get("epoch"), chosen_f1=chosen.get("f1"))
+                chosen_epoch=chosen.get("epoch"), chosen_f1=decoding.get("f1", chosen.get("f1")),
+                **({"decoding": squad.decoding_name(decoding["decode"], decoding["temperature"])}
+                   if decoding else {}))
 
 
 def spread(values):
@@ -323,9 +328,27 @@ def table(results, label, a):
                 "pretraining (stages 1-" + str(first - 1) + ") ran once. "
                 + ("" if a.shape_feature else "Without the tokens' shapes "
                    "(--no-shape-feature). ") + "SQuAD answers: "
-                + ("the most probable span of each window." if a.decode == "best" else
-                   f"the span of highest expected F1 (temperature {a.decode_temperature:g})."))
+                + answers_text(a, results))
     return "\n".join(rows)
+
+
+def answers_text(a, results):
+    """The table's line on how the SQuAD steps chose their answers."""
+    if a.decode == "best":
+        return "the most probable span of each window."
+    if a.decode == "expected-f1":
+        return f"the span of highest expected F1 (temperature {a.decode_temperature:g})."
+    names = {"qa": "pretrained", "qa_random": "random init",
+             "qa_random_trainable": "random init, word vectors trained"}
+    chosen = "; ".join(
+        f"{name}: " + ", ".join(results[f"{key}_s{k}"].get("decoding", "-")
+                                for k in range(1, a.seeds + 1) if f"{key}_s{k}" in results)
+        for key, name in names.items()
+        if any(f"{key}_s{k}" in results for k in range(1, a.seeds + 1)))
+    return ("the decoding of the highest F1 on the held-out articles, chosen per run among "
+            "the most probable span and the span of highest expected F1 at temperatures 1, "
+            f"0.8, 0.67, 0.5 (held-out F1 above is the chosen decoding's; chosen, by seed: "
+            f"{chosen or '-'}).")
 
 
 def write_results(out, results, label, a, stages):
@@ -354,6 +377,11 @@ def main():
                  "vocabulary; try 8000 to 30000")
     if a.seeds < 1 or a.holdout_articles < 0:
         sys.exit("recipe.py: error: --seeds must be at least 1 and --holdout-articles at least 0")
+    if a.decode == "choose" and not a.holdout_articles:
+        sys.exit("recipe.py: error: --decode choose chooses on the held-out articles; give "
+                 "--holdout-articles N (N > 0)")
+    if a.decode_temperature != 1.0 and a.decode != "expected-f1":
+        sys.exit("recipe.py: error: --decode-temperature is for --decode expected-f1")
     if a.tie_weights and a.freeze_pretraining:
         sys.exit("recipe.py: error: --freeze-pretraining would also fix the masked-LM output "
                  "projection, which is the word embedding matrix by default; add --no-tie-weights")

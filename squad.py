@@ -252,6 +252,13 @@ def _span_scores(start_logits, end_logits, ctx_start, window_len, max_answer_len
 
 
 LOSSES = ("start-end", "span")
+# --decode choose: the decodings tried on the held-out articles, (decode, temperature)
+DECODINGS = (("best", 1.0), ("expected-f1", 1.0), ("expected-f1", 0.8), ("expected-f1", 0.67),
+             ("expected-f1", 0.5))
+
+
+def decoding_name(decode, temperature):
+    return decode if decode == "best" else f"{decode} T {temperature:g}"
 
 
 def window_loss(start_logits, end_logits, w, kind="start-end", max_answer_len=30,

@@ -278,11 +278,25 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 9
-    longer = subprocess.run(cmd + ["--qa-epochs", "1", "--no-baseline"], cwd=tmp_path,
-                            env=script_env(), capture_output=True, text=True, timeout=600)
+    longer = subprocess.run(cmd + ["--qa-epochs", "1", "--no-baseline", "--decode", "choose"],
+                            cwd=tmp_path, env=script_env(), capture_output=True, text=True,
+                            timeout=600)
     assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr
     assert re.findall(r"^== (\w+): done in an earlier run", longer.stdout, re.M) == ["mlm", "ns", "cloze"]
-    assert re.search(r"^== qa_s1: python qa_task\.py .*--epochs 1", longer.stdout, re.M)
+    ran = re.search(r"^== qa_s1: python qa_task\.py .*$", longer.stdout, re.M).group(0)
+    assert " --epochs 1 " in ran and " --decode choose " in ran
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    chosen = [results[f"qa_s{s}"]["decoding"] for s in (1, 2)]
+    assert all(c == "best" or re.fullmatch(r"expected-f1 T [\d.]+", c) for c in chosen)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"chosen, by seed: pretrained: {chosen[0]}, {chosen[1]}" in table
+    for s in (1, 2):  # the held-out F1 in the table is the chosen decoding's
+        records = monitor.read_results(tmp_path / "out" / f"qa_s{s}_loss.jsonl")
+        assert results[f"qa_s{s}"]["chosen_f1"] == [r for r in records if r["record"] == "decode"][-1]["f1"]
+    no_held_out = subprocess.run(cmd + ["--decode", "choose", "--holdout-articles", "0"],
+                                 cwd=tmp_path, env=script_env(), capture_output=True, text=True,
+                                 timeout=60)
+    assert no_held_out.returncode != 0 and "give --holdout-articles N" in no_held_out.stderr
     assert "--tie-weights" in table
     clash = subprocess.run(cmd + ["--freeze-pretraining"], cwd=tmp_path, env=script_env(),
                            capture_output=True, text=True, timeout=60)

@@ -528,6 +528,46 @@ def test_expected_f1_answers_end_to_end(tmp_path):
     assert bad.returncode != 0 and "--decode-temperature is for --decode expected-f1" in bad.stderr
 
 
+def test_decode_choose_picks_on_the_held_out_articles(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", cwd=tmp_path)
+    write_squad(tmp_path / "train.json", copies=3)
+    write_squad(tmp_path / "dev.json", prefix="d")
+    common = ["--bert-model", "mlm_bert.pt", "--batch_size", "8", "--bptt", "48", "--epochs", "2",
+              "--optimizer", "adamw", "--lr", "1e-3", "--train-file", "train.json",
+              "--dev-file", "dev.json", "--doc-stride", "16", "--holdout-articles", "1"]
+    proc = run_script("qa_task.py", *common, "--decode", "choose", "--predictions", "chosen.json",
+                      "--loss-log", "chosen.txt", cwd=tmp_path)
+    records = monitor.read_results(tmp_path / "chosen.jsonl")
+    decoding = next(r for r in records if r["record"] == "decode")
+    tried = decoding["tried"]
+    assert [(t["decode"], t["temperature"]) for t in tried] == list(squad.DECODINGS)
+    assert decoding["f1"] == max(t["f1"] for t in tried)  # the first of the highest
+    assert tried.index(next(t for t in tried if t["f1"] == decoding["f1"])) == \
+        [(t["decode"], t["temperature"]) for t in tried].index(
+            (decoding["decode"], decoding["temperature"]))
+    # the held-out scores of the kept model: 'best' is what the epochs were chosen with
+    valid = [r for r in records if r["record"] == "valid"]
+    assert tried[0]["f1"] == max(r["f1"] for r in valid)
+    assert len(re.findall(r"^\| decoding on the held-out articles: ", proc.stdout, re.M)) == 5
+    assert "| decoding chosen: " in proc.stdout
+    # the evaluation file is scored once, with the chosen decoding, as --predict answers
+    # with the flags the run printed
+    extra = re.search(r"--predict answers the same with (.*)$", proc.stdout, re.M).group(1)
+    extra = [] if "default" in extra else extra.split()
+    assert extra == ([] if decoding["decode"] == "best" else
+                     ["--decode", "expected-f1", "--decode-temperature", f"{decoding['temperature']:g}"])
+    run_script("qa_task.py", "--predict", "--predict-file", "dev.json", "--bptt", "48",
+               "--doc-stride", "16", *extra, "--predictions", "given.json", cwd=tmp_path)
+    assert json.loads((tmp_path / "chosen.json").read_text()) == \
+        json.loads((tmp_path / "given.json").read_text())
+    for flags, message in ((["--holdout-articles", "0"], "add --holdout-articles N"),
+                           (["--decode-temperature", "0.5"], "--decode choose chooses it")):
+        bad = run_script("qa_task.py", *common, "--decode", "choose", *flags, cwd=tmp_path,
+                         check=False)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_squad_files_official_first_then_the_dev_split(tmp_path):
     with pytest.raises(data.DataError, match="neither train-v1.1.json"):
         squad.squad_files(tmp_path)
