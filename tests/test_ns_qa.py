@@ -501,14 +501,20 @@ def test_fresh_short_cloze_questions_every_epoch(tmp_path):
         assert bad.returncode != 0 and f"{flag[0]} is for span-selection pretraining: add --cloze-dir" in bad.stderr
 
 
-def test_expected_f1_answers_end_to_end(tmp_path):
+def _tiny_squad_run(tmp_path, copies, epochs):
+    """A tiny encoder in tmp_path, SQuAD files of `copies` training articles and one
+    evaluation article, and qa_task.py flags that fine-tune it for `epochs`."""
     wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
     run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", cwd=tmp_path)
-    write_squad(tmp_path / "train.json", copies=2)
+    write_squad(tmp_path / "train.json", copies=copies)
     write_squad(tmp_path / "dev.json", prefix="d")
-    common = ["--bert-model", "mlm_bert.pt", "--batch_size", "8", "--bptt", "48", "--epochs", "1",
-              "--optimizer", "adamw", "--lr", "1e-3", "--train-file", "train.json",
-              "--dev-file", "dev.json", "--doc-stride", "16"]
+    return ["--bert-model", "mlm_bert.pt", "--batch_size", "8", "--bptt", "48", "--epochs",
+            str(epochs), "--optimizer", "adamw", "--lr", "1e-3", "--train-file", "train.json",
+            "--dev-file", "dev.json", "--doc-stride", "16"]
+
+
+def test_expected_f1_answers_end_to_end(tmp_path):
+    common = _tiny_squad_run(tmp_path, copies=2, epochs=1)
     runs = {}
     for name, extra in (("best", []), ("ef1", ["--decode", "expected-f1"]),
                         ("cold", ["--decode", "expected-f1", "--decode-temperature", "1e-6"]),
@@ -529,13 +535,7 @@ def test_expected_f1_answers_end_to_end(tmp_path):
 
 
 def test_decode_choose_picks_on_the_held_out_articles(tmp_path):
-    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
-    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", cwd=tmp_path)
-    write_squad(tmp_path / "train.json", copies=3)
-    write_squad(tmp_path / "dev.json", prefix="d")
-    common = ["--bert-model", "mlm_bert.pt", "--batch_size", "8", "--bptt", "48", "--epochs", "2",
-              "--optimizer", "adamw", "--lr", "1e-3", "--train-file", "train.json",
-              "--dev-file", "dev.json", "--doc-stride", "16", "--holdout-articles", "1"]
+    common = _tiny_squad_run(tmp_path, copies=3, epochs=2) + ["--holdout-articles", "1"]
     proc = run_script("qa_task.py", *common, "--decode", "choose", "--predictions", "chosen.json",
                       "--loss-log", "chosen.txt", cwd=tmp_path)
     records = monitor.read_results(tmp_path / "chosen.jsonl")
