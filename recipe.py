@@ -345,9 +345,10 @@ def answers_text(a, results):
                                 for k in range(1, a.seeds + 1) if f"{key}_s{k}" in results)
         for key, name in names.items()
         if any(f"{key}_s{k}" in results for k in range(1, a.seeds + 1)))
+    temperatures = ", ".join(f"{t:g}" for d, t in squad.DECODINGS if d == "expected-f1")
     return ("the decoding of the highest F1 on the held-out articles, chosen per run among "
-            "the most probable span and the span of highest expected F1 at temperatures 1, "
-            f"0.8, 0.67, 0.5 (held-out F1 above is the chosen decoding's; chosen, by seed: "
+            "the most probable span and the span of highest expected F1 at temperatures "
+            f"{temperatures} (held-out F1 above is the chosen decoding's; chosen, by seed: "
             f"{chosen or '-'}).")
 
 
