@@ -19,9 +19,10 @@ Runs, one after another, each as its own process with its printout kept in OUT/*
 SQuAD: train-v1.1.json / dev-v1.1.json (plain or .gz) in --squad when they are there;
 otherwise dev-split-train-v1.1.json / dev-split-eval-v1.1.json, a split of the
 official dev set by article (the table then says "dev-split"). The SQuAD steps (4-6)
-run once per seed (--seeds) from the same pretrained model. Each chooses its epoch by
-F1 on the last --holdout-articles articles of the training file, which it does not
-train on; the evaluation file chooses nothing and is scored once per run, on every
+run once per seed (--seeds) from the same pretrained model. Each chooses its epoch, and
+then (--decode choose) how it picks an answer span, by F1 on the last
+--holdout-articles articles of the training file, which it does not train on; the
+evaluation file chooses nothing and is scored once per run, on every
 question, with the official v1.1 measure. The table gives the mean and spread over
 the seeds, and pretraining's gain over the baseline seed by seed.
 
@@ -94,15 +95,15 @@ def parse(argv=None):
     p.add_argument("--no-tie-weights", dest="tie_weights", action="store_false",
                    help="pretrain without mlm_task.py --tie-weights (a separate masked-LM output "
                         "projection, as in the original)")
-    p.add_argument("--cloze-style", default="sentence", choices=sorted(cloze.STYLES),
+    p.add_argument("--cloze-style", default="mixed", choices=sorted(cloze.STYLES),
                    help="span-selection questions: the answer's whole sentence, or 6 to 12 of "
                         "its words, as long as SQuAD's questions, with names for answers "
                         "('short') or names, phrases and words ('mixed') (qa_task.py "
                         "--cloze-style)")
-    p.add_argument("--cloze-fresh", action="store_true",
+    p.add_argument("--cloze-fresh", action=argparse.BooleanOptionalAction, default=True,
                    help="span selection reads other questions from the same text every epoch "
-                        "(qa_task.py --cloze-fresh)")
-    p.add_argument("--decode", default="best", choices=["best", "expected-f1", "choose"],
+                        "(qa_task.py --cloze-fresh); --no-cloze-fresh: the same questions")
+    p.add_argument("--decode", default="choose", choices=["best", "expected-f1", "choose"],
                    help="the SQuAD steps' answers: the most probable span, or the span of "
                         "highest expected F1, or ('choose') the one of these, with its "
                         "temperature, of the highest F1 on the held-out articles, per run "
@@ -379,8 +380,8 @@ def main():
     if a.seeds < 1 or a.holdout_articles < 0:
         sys.exit("recipe.py: error: --seeds must be at least 1 and --holdout-articles at least 0")
     if a.decode == "choose" and not a.holdout_articles:
-        sys.exit("recipe.py: error: --decode choose chooses on the held-out articles; give "
-                 "--holdout-articles N (N > 0)")
+        sys.exit("recipe.py: error: --decode choose (the default) chooses on the held-out "
+                 "articles; give --holdout-articles N (N > 0), or --decode best")
     if a.decode_temperature != 1.0 and a.decode != "expected-f1":
         sys.exit("recipe.py: error: --decode-temperature is for --decode expected-f1")
     if a.tie_weights and a.freeze_pretraining:

@@ -275,25 +275,32 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     assert table.count("--freeze-embeddings") == 5  # the QA stages 3-5 (two seeds); 6 trains them
     assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 2
     assert table.count("--shape-feature") == 7  # every QA stage, by default
+    # by default: mixed span-selection questions, new ones every epoch; the decoding chosen
+    # per run on the held-out article
+    assert results["cloze"]["command"].endswith(" --cloze-style mixed --cloze-fresh")
+    assert all(" --decode choose " in results[name]["command"] for name in squad_runs)
+    chosen = {name: results[name]["decoding"] for name in squad_runs}
+    assert all(c == "best" or re.fullmatch(r"expected-f1 T [\d.]+", c) for c in chosen.values())
+    assert (f"chosen, by seed: pretrained: {chosen['qa_s1']}, {chosen['qa_s2']}; random init: "
+            f"{chosen['qa_random_s1']}, {chosen['qa_random_s2']}") in table
+    for name in squad_runs:  # the held-out F1 in the table is the chosen decoding's
+        records = monitor.read_results(tmp_path / "out" / f"{name}_loss.jsonl")
+        assert results[name]["chosen_f1"] == [r for r in records if r["record"] == "decode"][-1]["f1"]
     again = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and again.stdout.count("done in an earlier run") == 9
-    longer = subprocess.run(cmd + ["--qa-epochs", "1", "--no-baseline", "--decode", "choose"],
+    longer = subprocess.run(cmd + ["--qa-epochs", "1", "--no-baseline", "--decode", "best"],
                             cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                             timeout=600)
     assert longer.returncode == 0, longer.stdout[-3000:] + longer.stderr
     assert re.findall(r"^== (\w+): done in an earlier run", longer.stdout, re.M) == ["mlm", "ns", "cloze"]
     ran = re.search(r"^== qa_s1: python qa_task\.py .*$", longer.stdout, re.M).group(0)
-    assert " --epochs 1 " in ran and " --decode choose " in ran
+    assert " --epochs 1 " in ran and " --decode" not in ran
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    chosen = [results[f"qa_s{s}"]["decoding"] for s in (1, 2)]
-    assert all(c == "best" or re.fullmatch(r"expected-f1 T [\d.]+", c) for c in chosen)
+    assert "decoding" not in results["qa_s1"]
     table = (tmp_path / "out" / "results.md").read_text()
-    assert f"chosen, by seed: pretrained: {chosen[0]}, {chosen[1]}" in table
-    for s in (1, 2):  # the held-out F1 in the table is the chosen decoding's
-        records = monitor.read_results(tmp_path / "out" / f"qa_s{s}_loss.jsonl")
-        assert results[f"qa_s{s}"]["chosen_f1"] == [r for r in records if r["record"] == "decode"][-1]["f1"]
-    no_held_out = subprocess.run(cmd + ["--decode", "choose", "--holdout-articles", "0"],
+    assert "SQuAD answers: the most probable span of each window." in table
+    no_held_out = subprocess.run(cmd + ["--holdout-articles", "0"],
                                  cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                                  timeout=60)
     assert no_held_out.returncode != 0 and "give --holdout-articles N" in no_held_out.stderr
@@ -318,7 +325,8 @@ def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
            "--out", str(out), "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
            "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "1", "--batch-size", "4",
            "--bptt", "32", "--min-sentence-len", "10", "--seeds", "1", "--holdout-articles", "1",
-           "--no-baseline", "--tokenizer", "wordpiece", "--vocab-size", "300"]
+           "--no-baseline", "--cloze-style", "sentence", "--no-cloze-fresh", "--tokenizer",
+           "wordpiece", "--vocab-size", "300"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
@@ -330,6 +338,8 @@ def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
     for r in results.values():
         assert f"--tokenizer wordpiece --vocab-file {out / 'vocab.txt'}" in r["command"]
     assert "--vocab-size 300" in results["mlm"]["command"]
+    assert "--cloze-style" not in results["cloze"]["command"]  # the whole sentence, as before
+    assert "--cloze-fresh" not in results["cloze"]["command"]
     assert "Tokenizer: WordPiece, a 300-token vocabulary" in (out / "results.md").read_text()
     small = subprocess.run(cmd[:-1] + ["50"], cwd=tmp_path, env=script_env(),
                            capture_output=True, text=True, timeout=60)
