@@ -70,6 +70,9 @@ def parse(argv=None):
                    help="the update of every step (adamw: fused where torch has it, as in the tasks)")
     p.add_argument("--adamw-kernel", choices=["fused", "default"], default="fused",
                    help="as the tasks' --adamw-kernel")
+    p.add_argument("--loss-kernel", choices=["fused", "default"], default="fused",
+                   help="as mlm_task.py --loss-kernel; with fused on the CPU, the masked-LM step "
+                        "with torch's default loss is timed in the same rounds too")
     p.add_argument("--tie-weights", action="store_true",
                    help="the masked-LM output projection is the word embedding matrix")
     p.add_argument("--mask-draw", choices=["per-token", "per-sequence"], default="per-token",
@@ -208,8 +211,14 @@ def main():
 
     predicted = (targets != -100).sum()
 
-    def ours_mlm(m):  # the mean, as transformers' loss; mlm_task.py's head computes the sum
-        return run_mlm(inputs, **mlm_input, targets=targets) / predicted
+    def ours_mlm(m, fused=a.loss_kernel == "fused"):  # the mean, as transformers' loss;
+        # mlm_task.py's head computes the sum
+        return run_mlm(inputs, **mlm_input, targets=targets, fused_loss=fused) / predicted
+
+    # With the fused loss on the CPU, also the step with torch's default loss, for the ratio
+    both = a.loss_kernel == "fused" and device.type == "cpu" and not a.compile
+    default_loss = (("this project, masked LM, default loss", mlm,
+                     lambda m: ours_mlm(m, fused=False), flops_per_token(cfg, a.seq, frac, frac)),)
 
     def ours_qa(m):
         s, e = run_qa(inputs)
@@ -221,7 +230,8 @@ def main():
     for amp in dict.fromkeys(["none", a.amp]):
         for name, model, fwd, fpt in (
                 ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
-                ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
+                ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0)),
+                *(default_loss if both else ())):
             opt = make_optimizer(model, a)
             runs.append((name, amp, train_step(model, opt, device, amp, fwd), fpt))
     hf = hf_models(a)
@@ -266,6 +276,12 @@ def main():
         print("| " + a.amp + " speed-up of this project's steps over its fp32 ones: " + ", ".join(
             f"{kind} {own[(name, 'none')] / own[(name, a.amp)]:.2f}x"
             for name, kind in (("this project, masked LM", "masked LM"), ("this project, QA", "QA"))))
+    if both:
+        own = {(name, amp): t for name, amp, t, _ in rows if name.startswith("this project")}
+        mlm_name = "this project, masked LM"
+        print("| the fused masked-LM loss's speed-up of the step over torch's default loss: "
+              + ", ".join(f"{amp} {own[(mlm_name + ', default loss', amp)] / own[(mlm_name, amp)]:.2f}x"
+                          for amp in dict.fromkeys(["none", a.amp])))
 
     # The data pipeline alone: what a training loop does per batch besides the model.
     stream = torch.randint(len(data.SPECIALS), a.vocab, (a.batch * a.seq * 200,))

@@ -56,6 +56,11 @@ def build_parser():
     add("--max-predictions", type=int, default=0, metavar="P",
         help="with --mask-draw per-sequence, mask at most P tokens per sequence (BERT's "
              "max_predictions_per_seq; 0: no cap)")
+    add("--loss-kernel", type=str, default="fused", choices=["fused", "default"],
+        help="the masked-LM loss on the CPU: 'fused', the vocabulary scores written once and "
+             "their softmax taken a few rows at a time in the cache (a faster step at a large "
+             "vocabulary); 'default', torch's linear and cross_entropy (the same loss rounded "
+             "differently). On a GPU, and with --compile: torch's")
     utils.add_corpus_flags(p, "WikiText2", corpus.DATASETS, "MLM")
     add("--vocab-size", type=int, default=30522,
         help="size of the WordPiece vocabulary trained when --vocab-file does not exist")
@@ -135,8 +140,9 @@ def mlm_loss(args, vocab, generator, ctx, train=True):
         inputs, masked, _ = data.mask_tokens(tokens, args.mask_frac, len(vocab), args.mask_mode,
                                              generator, vocab.roles)
         mine = ctx.rows(block.size(0))
-        # summed over the M masked tokens; the model's head computes it (fused under bf16)
-        loss = model(inputs[mine], masked_positions=masked[mine], targets=tokens[mine][masked[mine]])
+        # summed over the M masked tokens; the model's head computes it (--loss-kernel)
+        loss = model(inputs[mine], masked_positions=masked[mine], targets=tokens[mine][masked[mine]],
+                     fused_loss=fused)
         return loss, masked.sum(), masked[mine].sum()
 
     def per_sequence(model, block):
@@ -145,12 +151,13 @@ def mlm_loss(args, vocab, generator, ctx, train=True):
             tokens, args.mask_frac, len(vocab), args.mask_mode, generator, vocab.roles,
             args.max_predictions)
         mine = ctx.rows(block.size(0))
-        loss = model(inputs[mine], masked_index=index[mine],
+        loss = model(inputs[mine], masked_index=index[mine], fused_loss=fused,
                      targets=targets[mine].masked_fill(~valid[mine], -100))  # (B, P) targets
         # clamp: a batch without a maskable token gives loss 0, with no check on the host
         return loss, valid.sum().clamp(min=1), valid[mine].sum()
 
     draw = per_sequence if args.mask_draw == "per-sequence" else per_token
+    fused = getattr(args, "loss_kernel", "fused") == "fused"
 
     def loss_fn(model, block):
         loss, total, mine = draw(model, block)

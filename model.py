@@ -73,34 +73,38 @@ def _cpu_autocast_dtype():
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross entropy of x @ weight.T + bias against targets (-100: ignored), for
-    bf16 autocast on the CPU: bf16 GEMMs and an fp32 softmax, as autocast computes them,
-    but the (M, V) scores are never written out in fp32. The softmax runs a few rows at
-    a time while they sit in the cache, and the probabilities it leaves in the bf16
-    logits buffer are the backward's gradient (p - onehot). Autocast's own path casts
-    the logits to fp32 and back and runs log_softmax and its backward over memory: most
-    of a small model's bf16 masked-LM step at a 30,000-word vocabulary.
+    """Summed cross entropy of x @ weight.T + bias against targets (-100: ignored) on the
+    CPU, in fp32 or under bf16 autocast (bf16 GEMMs and an fp32 softmax, as autocast
+    computes them). The (M, V) scores are written once and never again in fp32: the
+    softmax runs a few rows at a time while they sit in the cache, and the probabilities
+    it leaves in the logits buffer are the backward's gradient (p - onehot). The plain
+    path (log_softmax, its backward, and under autocast a cast to fp32 and back) makes
+    about ten passes over that memory: most of a small model's masked-LM step at a
+    30,000-word vocabulary.
     """
     CACHE_FLOATS = 2 ** 18  # fp32 scores of one chunk of rows: 1 MiB
 
     @staticmethod
     def forward(ctx, x, weight, bias, targets):
+        dtype = torch.bfloat16 if _cpu_autocast_dtype() == torch.bfloat16 else x.dtype
         with torch.autocast("cpu", enabled=False):
-            xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+            xb, wb = x.to(dtype), weight.to(dtype)
             logits = (torch.mm(xb, wb.t()) if bias is None
-                      else torch.addmm(bias.to(torch.bfloat16), xb, wb.t()))  # (M, V) bf16
+                      else torch.addmm(bias.to(dtype), xb, wb.t()))  # (M, V), bf16 or fp32
             valid = targets != -100
             picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
             lse = torch.empty(logits.size(0))
             keep = any(ctx.needs_input_grad)  # else an evaluation: the loss alone
             rows = max(1, _LinearCrossEntropy.CACHE_FLOATS // max(logits.size(1), 1))
             for i in range(0, logits.size(0), rows):
-                scores = logits[i:i + rows].float()
+                scores = logits[i:i + rows].float()  # in fp32: logits' own rows, in place
                 top = scores.amax(1, keepdim=True)
                 total = scores.sub_(top).exp_().sum(1, keepdim=True)
                 lse[i:i + rows] = (top + total.log()).squeeze(1)
-                if keep:
+                if keep and dtype != torch.float32:
                     logits[i:i + rows] = scores.div_(total)  # the probabilities, in bf16
+                elif keep:
+                    scores.div_(total)
             ctx.save_for_backward(xb, wb, logits, targets, valid)
             ctx.has_bias, ctx.used = bias is not None, False
             ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -124,10 +128,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-def linear_cross_entropy(x, weight, bias, targets):
+def linear_cross_entropy(x, weight, bias, targets, fused=True):
     """F.cross_entropy(F.linear(x, weight, bias).float(), targets, reduction="sum"), with
-    -100 targets ignored; fused (_LinearCrossEntropy) under bf16 autocast on the CPU."""
-    if not _compiling() and x.device.type == "cpu" and _cpu_autocast_dtype() == torch.bfloat16:
+    -100 targets ignored; with fused, on the CPU in fp32 and under bf16 autocast,
+    _LinearCrossEntropy's (equal to the plain loss to float rounding, not bit for bit)."""
+    amp = _cpu_autocast_dtype()
+    if (fused and not _compiling() and x.device.type == "cpu" and (amp == torch.bfloat16 or (
+            amp is None and x.dtype == weight.dtype == torch.float32))):
         return _LinearCrossEntropy.apply(x, weight, bias, targets)
     return F.cross_entropy(F.linear(x, weight, bias).float(), targets, reduction="sum")
 
@@ -400,11 +407,12 @@ class MLMTask(nn.Module):
         return torch.equal(state["mlm_head.weight"], state["bert_model.bert_embed.embed.weight"])
 
     def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None,
-                masked_index=None, targets=None):
+                masked_index=None, targets=None, fused_loss=True):
         """masked_index (N, P) long instead of masked_positions -> (N, P, ntoken) logits at
         those positions, with shapes that depend on no value (data.mask_per_sequence).
         Given targets, the ids at those positions ((M,) or (N, P); -100: ignored), ->
-        the summed cross entropy instead (fp32 scalar; linear_cross_entropy)."""
+        the summed cross entropy instead (fp32 scalar; linear_cross_entropy, fused on the
+        CPU unless fused_loss is False)."""
         # Only at masked positions: the vocabulary projection is the costly part
         out = self.bert_model(src, token_type_input, key_padding_mask, positions=masked_positions,
                               index=masked_index)
@@ -412,7 +420,7 @@ class MLMTask(nn.Module):
         if targets is None:
             return self.mlm_head(out)
         return linear_cross_entropy(out.flatten(0, -2), self.mlm_head.weight, self.mlm_head.bias,
-                                    targets.flatten())
+                                    targets.flatten(), fused=fused_loss)
 
 
 class NextSentenceTask(nn.Module):

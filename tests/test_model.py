@@ -309,7 +309,33 @@ def test_fused_bf16_head_loss_is_as_exact_as_autocast(M, vocab, E, ignored):
         assert torch.equal(model.linear_cross_entropy(x, w, b, targets), out["fused"][0])
 
 
-def test_fused_head_loss_is_used_under_bf16_only_and_backpropagates_once(monkeypatch):
+@pytest.mark.parametrize("M, vocab, E, ignored", [(37, 1000, 16, 0), (200, 9000, 32, 20), (5, 70000, 8, 2)])
+def test_fused_fp32_head_loss_equals_the_plain_one(M, vocab, E, ignored):
+    """In fp32 the fused loss is the plain one to float rounding: loss and gradients,
+    ignored rows without gradient, and the same loss when evaluating."""
+    torch.manual_seed(M)
+    x = torch.randn(M, E, requires_grad=True)
+    w = (torch.randn(vocab, E) * 0.5).requires_grad_()
+    b = torch.randn(vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (M,))
+    targets[:ignored] = -100
+    out = {}
+    for way, f in [("plain", lambda: F.cross_entropy(F.linear(x, w, b), targets, reduction="sum")),
+                   ("fused", lambda: model.linear_cross_entropy(x, w, b, targets))]:
+        for t in (x, w, b):
+            t.grad = None
+        loss = f()
+        (loss * 0.37).backward()
+        out[way] = (loss.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone())
+    for plain, fused in zip(out["plain"], out["fused"]):
+        assert float((plain - fused).norm() / plain.norm()) < 1e-4  # float rounding
+    assert out["fused"][1][:ignored].abs().sum() == 0
+    with torch.no_grad():
+        evaluated = model.linear_cross_entropy(x, w, b, targets)
+    assert torch.allclose(evaluated, out["fused"][0], rtol=1e-6)
+
+
+def test_fused_head_loss_is_used_on_the_cpu_and_backpropagates_once(monkeypatch):
     calls = []
     real = model._LinearCrossEntropy.apply
     monkeypatch.setattr(model._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
@@ -318,12 +344,16 @@ def test_fused_head_loss_is_used_under_bf16_only_and_backpropagates_once(monkeyp
     masked = torch.rand(3, 9) < 0.3
     masked[0, 1] = True
     targets = src[masked]
-    loss = m(src, masked_positions=masked, targets=targets)  # fp32: exactly the plain loss
-    assert not calls
-    assert torch.equal(loss, F.cross_entropy(m(src, masked_positions=masked), targets, reduction="sum"))
+    loss = m(src, masked_positions=masked, targets=targets)  # fp32: fused, the plain loss
+    assert calls == [1]
+    assert torch.allclose(loss, F.cross_entropy(m(src, masked_positions=masked), targets,
+                                                reduction="sum"), rtol=1e-5)
     with torch.autocast("cpu", torch.bfloat16):
         loss = m(src, masked_positions=masked, targets=targets)
-    assert calls == [1]
+    assert calls == [1, 1]
+    m64 = tiny().double()  # another dtype: the plain loss
+    m64(src, masked_positions=masked, targets=targets)
+    assert calls == [1, 1]
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated once"):
         loss.backward()
