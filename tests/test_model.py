@@ -271,34 +271,40 @@ def test_compiled_training_step_has_no_graph_break():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def _head_losses(x, weight, bias, targets, scale=0.37):
-    """(loss, grads of x, weight, bias) in fp32, under autocast's bf16 path, and fused."""
+def _head_losses(M, vocab, E, ignored, scale=0.37):
+    """A random head of these sizes, its first `ignored` targets -100, and its (loss,
+    grads of x, weight, bias) by each way: torch's fp32 and fused fp32, autocast's bf16
+    path and fused bf16; plus (x, weight, bias, targets)."""
+    torch.manual_seed(M)
+    x = torch.randn(M, E, requires_grad=True)
+    weight = (torch.randn(vocab, E) * 0.5).requires_grad_()
+    bias = torch.randn(vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (M,))
+    targets[:ignored] = -100
     out = {}
-    for way in ("fp32", "autocast", "fused"):
+    for way in ("fp32", "fp32 fused", "autocast", "fused"):
         for t in (x, weight, bias):
             t.grad = None
-        with torch.autocast("cpu", torch.bfloat16, enabled=way != "fp32"):
-            if way == "fused":
+        with torch.autocast("cpu", torch.bfloat16, enabled=way in ("autocast", "fused")):
+            if way.endswith("fused"):
                 loss = model.linear_cross_entropy(x, weight, bias, targets)
             else:
                 loss = F.cross_entropy(F.linear(x, weight, bias).float(), targets, reduction="sum")
         (loss * scale).backward()
         out[way] = (loss.detach(), x.grad.clone(), weight.grad.clone(), bias.grad.clone())
-    return out
+    return out, (x, weight, bias, targets)
 
 
-@pytest.mark.parametrize("M, vocab, E, ignored", [(37, 1000, 16, 0), (200, 9000, 32, 20), (5, 70000, 8, 2)])
+HEAD_SIZES = pytest.mark.parametrize("M, vocab, E, ignored",
+                                     [(37, 1000, 16, 0), (200, 9000, 32, 20), (5, 70000, 8, 2)])
+
+
+@HEAD_SIZES
 def test_fused_bf16_head_loss_is_as_exact_as_autocast(M, vocab, E, ignored):
     """The fused masked-LM loss under bf16 (chunks of rows, probabilities kept in bf16)
     gives autocast's loss and gradients, as close to fp32's as autocast's own path is;
     -100 targets are ignored, and their rows get no gradient."""
-    torch.manual_seed(M)
-    x = torch.randn(M, E, requires_grad=True)
-    w = (torch.randn(vocab, E) * 0.5).requires_grad_()
-    b = torch.randn(vocab, requires_grad=True)
-    targets = torch.randint(0, vocab, (M,))
-    targets[:ignored] = -100
-    out = _head_losses(x, w, b, targets)
+    out, inputs = _head_losses(M, vocab, E, ignored)
     exact = out["fp32"]
     err = lambda way: [float((a - c).norm() / a.norm()) for a, c in zip(exact[1:], out[way][1:])]
     assert torch.allclose(out["fused"][0], out["autocast"][0], rtol=1e-5)
@@ -306,33 +312,19 @@ def test_fused_bf16_head_loss_is_as_exact_as_autocast(M, vocab, E, ignored):
     assert max(err("fused")) < 2e-2
     assert out["fused"][1][:ignored].abs().sum() == 0
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # evaluation: the loss alone
-        assert torch.equal(model.linear_cross_entropy(x, w, b, targets), out["fused"][0])
+        assert torch.equal(model.linear_cross_entropy(*inputs), out["fused"][0])
 
 
-@pytest.mark.parametrize("M, vocab, E, ignored", [(37, 1000, 16, 0), (200, 9000, 32, 20), (5, 70000, 8, 2)])
+@HEAD_SIZES
 def test_fused_fp32_head_loss_equals_the_plain_one(M, vocab, E, ignored):
     """In fp32 the fused loss is the plain one to float rounding: loss and gradients,
     ignored rows without gradient, and the same loss when evaluating."""
-    torch.manual_seed(M)
-    x = torch.randn(M, E, requires_grad=True)
-    w = (torch.randn(vocab, E) * 0.5).requires_grad_()
-    b = torch.randn(vocab, requires_grad=True)
-    targets = torch.randint(0, vocab, (M,))
-    targets[:ignored] = -100
-    out = {}
-    for way, f in [("plain", lambda: F.cross_entropy(F.linear(x, w, b), targets, reduction="sum")),
-                   ("fused", lambda: model.linear_cross_entropy(x, w, b, targets))]:
-        for t in (x, w, b):
-            t.grad = None
-        loss = f()
-        (loss * 0.37).backward()
-        out[way] = (loss.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone())
-    for plain, fused in zip(out["plain"], out["fused"]):
+    out, inputs = _head_losses(M, vocab, E, ignored)
+    for plain, fused in zip(out["fp32"], out["fp32 fused"]):
         assert float((plain - fused).norm() / plain.norm()) < 1e-4  # float rounding
-    assert out["fused"][1][:ignored].abs().sum() == 0
+    assert out["fp32 fused"][1][:ignored].abs().sum() == 0
     with torch.no_grad():
-        evaluated = model.linear_cross_entropy(x, w, b, targets)
-    assert torch.allclose(evaluated, out["fused"][0], rtol=1e-6)
+        assert torch.allclose(model.linear_cross_entropy(*inputs), out["fp32 fused"][0], rtol=1e-6)
 
 
 def test_fused_head_loss_is_used_on_the_cpu_and_backpropagates_once(monkeypatch):
