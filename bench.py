@@ -271,13 +271,12 @@ def main():
         print(f"| {name:42s} | {amp:4s} | {t * 1000:9.1f} | {tokens / t:9.0f} | {share:7.2f} |{mfu} "
               f"{ratio:>20s} |")
 
+    own = {(name, amp): t for name, amp, t, _ in rows if name.startswith("this project")}
     if a.amp != "none":
-        own = {(name, amp): t for name, amp, t, _ in rows if name.startswith("this project")}
         print("| " + a.amp + " speed-up of this project's steps over its fp32 ones: " + ", ".join(
             f"{kind} {own[(name, 'none')] / own[(name, a.amp)]:.2f}x"
             for name, kind in (("this project, masked LM", "masked LM"), ("this project, QA", "QA"))))
     if both:
-        own = {(name, amp): t for name, amp, t, _ in rows if name.startswith("this project")}
         mlm_name = "this project, masked LM"
         print("| the fused masked-LM loss's speed-up of the step over torch's default loss: "
               + ", ".join(f"{amp} {own[(mlm_name + ', default loss', amp)] / own[(mlm_name, amp)]:.2f}x"

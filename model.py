@@ -101,10 +101,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 top = scores.amax(1, keepdim=True)
                 total = scores.sub_(top).exp_().sum(1, keepdim=True)
                 lse[i:i + rows] = (top + total.log()).squeeze(1)
-                if keep and dtype != torch.float32:
-                    logits[i:i + rows] = scores.div_(total)  # the probabilities, in bf16
-                elif keep:
-                    scores.div_(total)
+                if keep:
+                    scores.div_(total)  # the probabilities
+                    if scores.dtype != logits.dtype:
+                        logits[i:i + rows] = scores  # back into the bf16 buffer
             ctx.save_for_backward(xb, wb, logits, targets, valid)
             ctx.has_bias, ctx.used = bias is not None, False
             ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
