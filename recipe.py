@@ -75,6 +75,9 @@ def parse(argv=None):
                         "trained on that split (needs `pip install tokenizers`)")
     p.add_argument("--vocab-size", type=int, default=16000,
                    help="size of the WordPiece vocabulary trained with --tokenizer wordpiece")
+    p.add_argument("--pretrain-seed", type=int, default=None,
+                   help="seed of stages 1-3 (their --seed); default: each script's own, so "
+                        "that another value shows how much the score owes to one pretraining")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the random-initialisation QA run")
     p.add_argument("--trainable-baseline", action="store_true",
@@ -151,17 +154,19 @@ def commands(a, out):
     train, dev, _ = squad_files(Path(a.squad))
     pretrain_freeze = ["--freeze-embeddings"] if a.freeze_embeddings and a.freeze_pretraining else []
     tie = ["--tie-weights"] if a.tie_weights else []
+    pretrain_seed = [] if a.pretrain_seed is None else ["--seed", a.pretrain_seed]
     mlm = ["mlm_task.py", *size, *common, "--data-dir", a.wikitext, "--dataset", "WikiText2",
            "--epochs", a.mlm_epochs, "--lr", a.mlm_lr, "--dropout", a.dropout, "--mask-mode",
            "bert", "--log-interval", 100, "--save", out / "mlm_bert.pt",
            "--save-full", out / "full_mlm_model.pt", "--loss-log", out / "mlm_loss.txt",
            "--state-file", out / "mlm_state.pt", "--cache-dir", out / "cache", "--resume", *pretrain_freeze,
-           *tie, *(["--vocab-size", a.vocab_size] if a.tokenizer == "wordpiece" else [])]
+           *tie, *(["--vocab-size", a.vocab_size] if a.tokenizer == "wordpiece" else []),
+           *pretrain_seed]
     ns = ["ns_task.py", *common, "--bert-model", out / "mlm_bert.pt", "--data-dir", a.wikitext,
           "--dataset", "WikiText2", "--epochs", a.ns_epochs, "--lr", a.ns_lr, "--min_sentence_len", a.min_sentence_len,
           "--log-interval", 100, "--save", out / "ns_bert.pt", "--save-full", out / "ns_model.pt",
           "--loss-log", out / "ns_loss.txt", "--state-file", out / "ns_state.pt",
-          "--cache-dir", out / "cache", "--resume", *pretrain_freeze]
+          "--cache-dir", out / "cache", "--resume", *pretrain_freeze, *pretrain_seed]
 
     def qa(tag, extra, freeze=a.freeze_embeddings, epochs=a.qa_epochs, seed=SEED):
         decode = (["--decode", a.decode] if a.decode != "best" else []) + (
@@ -182,7 +187,7 @@ def commands(a, out):
     if a.cloze_epochs:
         cloze = ["--cloze-dir", a.wikitext, *(["--cloze-style", a.cloze_style]
                                                if a.cloze_style != "sentence" else []),
-                 *(["--cloze-fresh"] if a.cloze_fresh else [])]
+                 *(["--cloze-fresh"] if a.cloze_fresh else []), *pretrain_seed]
         stages.append(("cloze", qa("cloze", cloze, epochs=a.cloze_epochs),
                        out / "cloze_loss.jsonl"))
         start = ["--checkpoint", out / "cloze_model.pt"]
