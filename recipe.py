@@ -331,7 +331,8 @@ def table(results, label, a):
         rows.append(f"| pretraining's gain | {'; '.join(gains)} | |")
     rows.append("")
     rows.append("± is the standard deviation over the seeds of the SQuAD steps; the "
-                "pretraining (stages 1-" + str(first - 1) + ") ran once. "
+                "pretraining (stages 1-" + str(first - 1) + ") ran once"
+                + ("" if a.pretrain_seed is None else f", with seed {a.pretrain_seed}") + ". "
                 + ("" if a.shape_feature else "Without the tokens' shapes "
                    "(--no-shape-feature). ") + "SQuAD answers: "
                 + answers_text(a, results))
@@ -358,9 +359,16 @@ def answers_text(a, results):
             f"{chosen or '-'}).")
 
 
+def current(results, stages):
+    """The results of this command's stages: an entry left by another command in the
+    same OUT (another seed, another SQuAD file, a stage skipped now) is not shown."""
+    return {name: results[name] for name, argv, _ in stages
+            if results.get(name, {}).get("command") == " ".join(argv)}
+
+
 def write_results(out, results, label, a, stages):
     precision = "bf16 autocast" if amp(a) == "bf16" else "fp32"
-    text = ["# Laptop recipe: results\n", table(results, label, a), "",
+    text = ["# Laptop recipe: results\n", table(current(results, stages), label, a), "",
             f"Machine: {machine()}. Precision: {precision} (--amp {a.amp}). Tokenizer: "
             + (f"WordPiece, a {a.vocab_size:,}-token vocabulary trained on WikiText-2's training split."
                if a.tokenizer == "wordpiece" else "basic_english, WikiText-2's training words."),
@@ -397,13 +405,15 @@ def main():
     saved = out / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     changed = False  # once a stage runs, the stages after it run too: their input changed
-    for name, argv, done in stages:
+    for i, (name, argv, done) in enumerate(stages):
         log = out / f"{name}.log"
         if (not changed and finished(done)
                 and results.get(name, {}).get("command") == " ".join(argv)):
             print(f"== {name}: done in an earlier run ({log})", flush=True)
             continue
         changed = True
+        for later, _, _ in stages[i:]:  # made from what this stage replaces
+            results.pop(later, None)
         print(f"== {name}: python {' '.join(argv)}", flush=True)
         start = time.time()
         with open(log, "w") as f:

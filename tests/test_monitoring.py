@@ -300,6 +300,9 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     assert "decoding" not in results["qa_s1"]
     table = (tmp_path / "out" / "results.md").read_text()
     assert "SQuAD answers: the most probable span of each window." in table
+    # the baseline runs of the earlier command stay in results.json, not in this table
+    assert "qa_random_s1" in results and "| 4. SQuAD" in table
+    assert "| 5. SQuAD" not in table and "pretraining's gain" not in table
     no_held_out = subprocess.run(cmd + ["--holdout-articles", "0"],
                                  cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                                  timeout=60)
@@ -326,7 +329,7 @@ def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
            "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "1", "--batch-size", "4",
            "--bptt", "32", "--min-sentence-len", "10", "--seeds", "1", "--holdout-articles", "1",
            "--no-baseline", "--cloze-style", "sentence", "--no-cloze-fresh", "--tokenizer",
-           "wordpiece", "--vocab-size", "300"]
+           "wordpiece", "--vocab-size", "300", "--pretrain-seed", "5"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
@@ -338,10 +341,12 @@ def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
     for r in results.values():
         assert f"--tokenizer wordpiece --vocab-file {out / 'vocab.txt'}" in r["command"]
     assert "--vocab-size 300" in results["mlm"]["command"]
+    assert [" --seed 5" in r["command"] for r in results.values()] == [True, True, True, False]
+    assert "ran once, with seed 5." in (out / "results.md").read_text()
     assert "--cloze-style" not in results["cloze"]["command"]  # the whole sentence, as before
     assert "--cloze-fresh" not in results["cloze"]["command"]
     assert "Tokenizer: WordPiece, a 300-token vocabulary" in (out / "results.md").read_text()
-    small = subprocess.run(cmd[:-1] + ["50"], cwd=tmp_path, env=script_env(),
+    small = subprocess.run(cmd[:-3] + ["50"], cwd=tmp_path, env=script_env(),
                            capture_output=True, text=True, timeout=60)
     assert small.returncode != 0 and "--vocab-size 50 is too small" in small.stderr
 
