@@ -359,11 +359,15 @@ def answers_text(a, results):
             f"{chosen or '-'}).")
 
 
+def same_command(results, name, argv):
+    """True when results[name] was made by the command argv."""
+    return results.get(name, {}).get("command") == " ".join(argv)
+
+
 def current(results, stages):
     """The results of this command's stages: an entry left by another command in the
     same OUT (another seed, another SQuAD file, a stage skipped now) is not shown."""
-    return {name: results[name] for name, argv, _ in stages
-            if results.get(name, {}).get("command") == " ".join(argv)}
+    return {name: results[name] for name, argv, _ in stages if same_command(results, name, argv)}
 
 
 def write_results(out, results, label, a, stages):
@@ -407,8 +411,7 @@ def main():
     changed = False  # once a stage runs, the stages after it run too: their input changed
     for i, (name, argv, done) in enumerate(stages):
         log = out / f"{name}.log"
-        if (not changed and finished(done)
-                and results.get(name, {}).get("command") == " ".join(argv)):
+        if not changed and finished(done) and same_command(results, name, argv):
             print(f"== {name}: done in an earlier run ({log})", flush=True)
             continue
         changed = True
