@@ -46,7 +46,7 @@ GPU_PEAKS = (
 
 # The laptop recipe's step (recipe.py, docs/recipe.md): its sizes, optimizer and tied weights.
 RECIPE = dict(emsize=128, nhid=512, nlayers=2, nhead=2, vocab=28786, batch=32, seq=128,
-              optimizer="adamw", tie_weights=True, mask_mode="bert")
+              dropout=0.0, optimizer="adamw", tie_weights=True, mask_mode="bert")
 
 
 def parse(argv=None):
@@ -59,6 +59,7 @@ def parse(argv=None):
     p.add_argument("--vocab", type=int, default=33280)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout of this project's models")
     p.add_argument("--steps", type=int, default=3,
                    help="timed steps of each model (after one warm-up step), taken in turns")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
@@ -167,7 +168,8 @@ def hf_models(a):
         return None
     cfg = transformers.BertConfig(vocab_size=a.vocab, hidden_size=a.emsize, num_hidden_layers=a.nlayers,
                                   num_attention_heads=a.nhead, intermediate_size=a.nhid,
-                                  max_position_embeddings=MAX_POSITIONS, attn_implementation="sdpa")
+                                  max_position_embeddings=MAX_POSITIONS, attn_implementation="sdpa",
+                                  hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=a.dropout)
     return (f"transformers {transformers.__version__}", transformers.BertForMaskedLM(cfg),
             transformers.BertForQuestionAnswering(cfg))
 
@@ -180,7 +182,7 @@ def main():
     tokens = a.batch * a.seq
     print(f"| device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"batch {a.batch} x seq {a.seq} | {a.nlayers} layers x {a.emsize}, {a.nhead} heads, "
-          f"{a.nhid} hidden, vocab {a.vocab}{', tied' if a.tie_weights else ''} | amp {a.amp} | "
+          f"{a.nhid} hidden, vocab {a.vocab}{', tied' if a.tie_weights else ''}, dropout {a.dropout:g} | amp {a.amp} | "
           f"{a.optimizer}{' (' + a.adamw_kernel + ')' if a.optimizer == 'adamw' else ''} | masks {a.mask_draw} | compile {a.compile or 'off'}")
     peak32 = peak_gemm(device, torch.float32)
     peak = peak_gemm(device, torch.bfloat16) if a.amp == "bf16" else peak32
@@ -201,7 +203,7 @@ def main():
     ends = torch.clamp(starts + 3, max=a.seq - 1)
     frac = masked.float().mean().item()
 
-    mlm = MLMTask(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, 0.1,
+    mlm = MLMTask(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, a.dropout,
                   tie_weights=a.tie_weights).to(device)
     qa = QuestionAnswerTask(mlm.bert_model).to(device)
     cfg = mlm.bert_model.config

@@ -81,6 +81,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     path (log_softmax, its backward, and under autocast a cast to fp32 and back) makes
     about ten passes over that memory: most of a small model's masked-LM step at a
     30,000-word vocabulary.
+
+    The logits buffer (tens of MB) is reused from step to step (_LogitsBuffer): a fresh
+    one of that size comes from the operating system every time, and filling its pages
+    took longer than the matrix product written into it. The bias gradient is summed in
+    fp32 while each chunk of probabilities is in the cache.
     """
     CACHE_FLOATS = 2 ** 18  # fp32 scores of one chunk of rows: 1 MiB
 
@@ -89,12 +94,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.bfloat16 if _cpu_autocast_dtype() == torch.bfloat16 else x.dtype
         with torch.autocast("cpu", enabled=False):
             xb, wb = x.to(dtype), weight.to(dtype)
-            logits = (torch.mm(xb, wb.t()) if bias is None
-                      else torch.addmm(bias.to(dtype), xb, wb.t()))  # (M, V), bf16 or fp32
+            buffer = _LogitsBuffer.take(x.size(0) * weight.size(0), dtype)
+            logits = buffer[:x.size(0) * weight.size(0)].view(x.size(0), weight.size(0))
+            if bias is None:
+                torch.mm(xb, wb.t(), out=logits)  # (M, V), bf16 or fp32
+            else:
+                torch.addmm(bias.to(dtype), xb, wb.t(), out=logits)
             valid = targets != -100
+            all_valid = bool(valid.all())
             picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
             lse = torch.empty(logits.size(0))
             keep = any(ctx.needs_input_grad)  # else an evaluation: the loss alone
+            # sum over the rows of the probabilities: the bias gradient, less the targets
+            col_sum = torch.zeros(logits.size(1)) if ctx.needs_input_grad[2] else None
             rows = max(1, _LinearCrossEntropy.CACHE_FLOATS // max(logits.size(1), 1))
             for i in range(0, logits.size(0), rows):
                 scores = logits[i:i + rows].float()  # in fp32: logits' own rows, in place
@@ -103,9 +115,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse[i:i + rows] = (top + total.log()).squeeze(1)
                 if keep:
                     scores.div_(total)  # the probabilities
+                    if not all_valid:  # ignored rows: no gradient
+                        scores.mul_(valid[i:i + rows].unsqueeze(1))
+                    if col_sum is not None:
+                        col_sum += scores.sum(0)
                     if scores.dtype != logits.dtype:
                         logits[i:i + rows] = scores  # back into the bf16 buffer
-            ctx.save_for_backward(xb, wb, logits, targets, valid)
+            ctx.save_for_backward(xb, wb, logits, targets, valid, col_sum)
+            ctx.buffer = buffer if keep else None
+            if not keep:
+                _LogitsBuffer.give_back(buffer)
             ctx.has_bias, ctx.used = bias is not None, False
             ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
             return torch.where(valid, lse - picked, 0.0).sum()
@@ -116,16 +135,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the fused masked-LM loss keeps its gradient in place and can "
                                "be backpropagated once only (no retain_graph)")
         ctx.used = True
-        xb, wb, grad, targets, valid = ctx.saved_tensors
+        xb, wb, grad, targets, valid, col_sum = ctx.saved_tensors
         rows = torch.arange(grad.size(0))
-        grad.index_put_((rows, targets.clamp(min=0)), -valid.to(grad.dtype), accumulate=True)
-        grad.mul_(valid.to(grad.dtype).unsqueeze(1))  # ignored rows: 0
+        hit = -valid.to(grad.dtype)  # the one-hot of each valid row's target
+        grad.index_put_((rows, targets.clamp(min=0)), hit, accumulate=True)
         scale = grad_loss.float()  # applied in fp32 to the results, not rounded into grad
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         gx = (grad @ wb).float().mul_(scale).to(ctx.x_dtype) if need_x else None
         gw = (grad.t() @ xb).float().mul_(scale).to(ctx.w_dtype) if need_w else None
-        gb = grad.sum(0, dtype=torch.float32).mul_(scale) if need_b and ctx.has_bias else None
+        gb = None
+        if need_b and ctx.has_bias:
+            gb = col_sum.index_put_((targets.clamp(min=0),), hit.float(), accumulate=True)
+            gb = gb.mul_(scale)
+        _LogitsBuffer.give_back(ctx.buffer)
+        ctx.buffer = None
         return gx, gw, gb, None
+
+
+class _LogitsBuffer:
+    """One free buffer per dtype for _LinearCrossEntropy's logits, taken by a forward and
+    given back by its backward (or by an evaluation's forward). A forward that finds none
+    free, or too small, allocates its own; nothing is shared between two live graphs."""
+    free = {}
+
+    @classmethod
+    def take(cls, n, dtype):
+        buffer = cls.free.pop(dtype, None)
+        if buffer is None or buffer.numel() < n:
+            buffer = torch.empty(n + n // 8, dtype=dtype)  # room for the next batch's rows
+        return buffer
+
+    @classmethod
+    def give_back(cls, buffer):
+        if buffer is not None:
+            held = cls.free.get(buffer.dtype)
+            if held is None or held.numel() < buffer.numel():
+                cls.free[buffer.dtype] = buffer
 
 
 def linear_cross_entropy(x, weight, bias, targets, fused=True):
@@ -206,6 +251,11 @@ class BertEmbedding(nn.Module):
         return self.dropout(self.norm(x))
 
 
+# Below this many keys, training under bf16 autocast on the CPU computes attention in
+# fp32 (MultiheadAttention.forward); from it on, SDPA's bf16 kernel is as fast or faster.
+BF16_FLASH_MIN_KEYS = 256
+
+
 class MultiheadAttention(nn.Module):
     """Self-attention with one fused QKV projection on scaled_dot_product_attention.
 
@@ -250,6 +300,14 @@ class MultiheadAttention(nn.Module):
                 if attn_mask is not None:
                     scores = scores.masked_fill(~attn_mask, float("-inf"))
                 out = dropout(torch.softmax(scores, dim=-1), p) @ v  # out_proj casts it back
+        elif (x.device.type == "cpu" and k.size(2) < BF16_FLASH_MIN_KEYS and torch.is_grad_enabled()
+              and _cpu_autocast_dtype() == torch.bfloat16):
+            # Training under bf16 autocast on the CPU: at short sequences SDPA's bf16 kernel
+            # takes two to three times as long as its fp32 one, forward and backward
+            # together (docs/speed.md); fp32 is the more exact too. out_proj casts back.
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                     attn_mask=attn_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(n, s, e))

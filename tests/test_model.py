@@ -150,12 +150,36 @@ def test_attention_dropout_path_is_as_exact_as_sdpa_under_bf16():
     mha = MultiheadAttention(96, 3, dropout=1e-9)
     x = torch.randn(4, 64, 96) * 3
     exact = mha(x).detach()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # SDPA's bf16 kernel
         written = mha(x).float()
         mha.dropout = 0.0
         sdpa = mha(x).float()
     err = lambda y: (y - exact).abs().mean().item()
     assert err(written) < 1.2 * err(sdpa), (err(written), err(sdpa))
+
+
+@pytest.mark.parametrize("keys, grad, expected", [(64, True, torch.float32), (64, False, torch.bfloat16),
+                                                  (model.BF16_FLASH_MIN_KEYS, True, torch.bfloat16)])
+def test_bf16_training_attention_is_fp32_on_short_sequences(monkeypatch, keys, grad, expected):
+    """Under bf16 autocast on the CPU, a training step's attention runs SDPA in fp32 below
+    BF16_FLASH_MIN_KEYS keys (faster there, and more exact), and bf16 otherwise; the
+    output is the same either way to bf16 rounding."""
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: seen.append(q.dtype) or real(q, *a, **k))
+    torch.manual_seed(0)
+    mha = MultiheadAttention(32, 2)
+    x = torch.randn(2, keys, 32, requires_grad=grad)
+    exact = mha(x).detach()
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mha(x)
+    assert seen[-1] == expected
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - exact).abs().max() < 0.05
+    if grad:
+        out.float().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_pre_layernorm_layers_follow_their_formula():
@@ -325,6 +349,33 @@ def test_fused_fp32_head_loss_equals_the_plain_one(M, vocab, E, ignored):
     assert out["fp32 fused"][1][:ignored].abs().sum() == 0
     with torch.no_grad():
         assert torch.allclose(model.linear_cross_entropy(*inputs), out["fp32 fused"][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fused_head_loss_reuses_its_buffer_but_never_shares_it(amp):
+    """The logits buffer goes from one step to the next: two forwards before one backward
+    (gradient accumulation) each get their own, and the gradients are the plain loss's;
+    the steps after them, which reuse a buffer, give the same as the first."""
+    torch.manual_seed(3)
+    x1, x2 = torch.randn(40, 16, requires_grad=True), torch.randn(44, 16, requires_grad=True)
+    weight = torch.randn(3000, 16, requires_grad=True)
+    bias = torch.randn(3000, requires_grad=True)
+    t1, t2 = torch.randint(0, 3000, (40,)), torch.randint(0, 3000, (44,))
+    t2[:5] = -100
+
+    def grads(fused):
+        for p in (x1, x2, weight, bias):
+            p.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            loss = (model.linear_cross_entropy(x1, weight, bias, t1, fused=fused)
+                    + model.linear_cross_entropy(x2, weight, bias, t2, fused=fused))
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in (x1, x2, weight, bias)]
+
+    plain, first, second = grads(False), grads(True), grads(True)
+    for a, b, c in zip(plain, first, second):
+        assert torch.equal(b, c)  # a reused buffer changes nothing
+        assert float((a - b).norm() / a.norm()) < (2e-2 if amp else 1e-4)
 
 
 def test_fused_head_loss_is_used_on_the_cpu_and_backpropagates_once(monkeypatch):
