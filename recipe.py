@@ -66,9 +66,10 @@ def parse(argv=None):
     p.add_argument("--squad", required=True, help="folder with the SQuAD v1.1 files")
     p.add_argument("--out", default="runs/laptop", help="folder for models, logs and results")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "auto"],
-                   help="autocast of every stage: bf16, or auto: bf16 where the CPU has "
-                        "AVX-512 BF16 or AMX (or on a GPU with bf16), else fp32")
+    p.add_argument("--amp", default="auto", choices=["none", "bf16", "auto"],
+                   help="autocast of every stage: auto: bf16 where the CPU has AVX-512 BF16 "
+                        "or AMX (or on a GPU with bf16), else fp32 (the table says which); "
+                        "none: fp32 everywhere")
     p.add_argument("--tokenizer", default="basic_english", choices=["basic_english", "wordpiece"],
                    help="basic_english with a word vocabulary built from WikiText-2's training "
                         "split (the original), or a WordPiece vocabulary of --vocab-size tokens "

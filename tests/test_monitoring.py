@@ -13,6 +13,7 @@ import torch
 import checkpoint
 import data
 import monitor
+import recipe
 import squad
 from conftest import ROOT, TINY, run_script, run_without, script_env, write_squad, write_wikitext
 
@@ -271,7 +272,11 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     assert f"F1 {sum(gains) / 2:+.2f} ± {abs(gains[0] - gains[1]) / 2 ** 0.5:.2f} points over 5" in table
     assert "epoch chosen on 1 held-out training articles" in table
     assert "Machine:" in table and "--match-feature" in table and "--random-init" in table
-    assert "Precision: fp32 (--amp none)." in table and "--amp none" in results["mlm"]["command"]
+    # --amp auto by default: bf16 autocast where this CPU has bf16 instructions, else fp32
+    amp = "bf16" if recipe.cpu_flags() else "none"
+    precision = "bf16 autocast" if amp == "bf16" else "fp32"
+    assert f"Precision: {precision} (--amp auto)." in table
+    assert f"--amp {amp} " in results["mlm"]["command"]
     assert table.count("--freeze-embeddings") == 5  # the QA stages 3-5 (two seeds); 6 trains them
     assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 2
     assert table.count("--shape-feature") == 7  # every QA stage, by default
