@@ -63,6 +63,9 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=3,
                    help="timed steps of each model (after one warm-up step), taken in turns")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
+    p.add_argument("--amp-only", action="store_true",
+                   help="with --amp bf16, time the bf16 steps only, not the fp32 ones as well "
+                        "(on a GPU with --compile this halves the compiling)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune"],
@@ -228,8 +231,9 @@ def main():
 
     # (name, amp, step, flops per token): every step is timed in the same rounds.
     # This project's steps in fp32 too when --amp bf16: the bf16 speed-up from one run.
+    precisions = [a.amp] if a.amp_only else list(dict.fromkeys(["none", a.amp]))
     runs = []
-    for amp in dict.fromkeys(["none", a.amp]):
+    for amp in precisions:
         for name, model, fwd, fpt in (
                 ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
                 ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0)),
@@ -244,7 +248,7 @@ def main():
         hf_mlm.to(device), hf_qa.to(device)
         fwd_mlm = lambda m: m(input_ids=inputs, labels=labels).loss
         fwd_qa = lambda m: m(input_ids=inputs, start_positions=starts, end_positions=ends).loss
-        for amp in dict.fromkeys(["none", a.amp]):
+        for amp in precisions:
             for name, model, fwd, fpt in (
                     (f"{version}, masked LM", hf_mlm, fwd_mlm, flops_per_token(cfg, a.seq, 1.0)),
                     (f"{version}, QA", hf_qa, fwd_qa, flops_per_token(cfg, a.seq, 0.0))):
@@ -261,28 +265,31 @@ def main():
         print(f"| MFU: {torch.cuda.get_device_name(device)} is not in bench.GPU_PEAKS; give its "
               "dense bf16 peak with --peak-tflops")
     mfu_head = f" {'MFU':>5s} |" if card else ""
-    print(f"| {'step':42s} | {'amp':4s} | {'ms/step':>9s} | {'tokens/s':>9s} | {'of peak':>7s} |"
-          f"{mfu_head} {'vs transformers fp32':>20s} |")
-    base = {kind: t for name, amp, t, _ in rows if name.startswith("transformers") and amp == "none"
+    label = {"none": "fp32", "bf16": "bf16"}
+    # The ratio to transformers' step in each timed precision, both kinds of step.
+    base = {(kind, amp): t for name, amp, t, _ in rows if name.startswith("transformers")
             for kind in [name.split(", ")[1]]}
+    heads = [f"vs transformers {label[amp]}" for amp in precisions]
+    print(f"| {'step':42s} | {'amp':4s} | {'ms/step':>9s} | {'tokens/s':>9s} | {'of peak':>7s} |"
+          f"{mfu_head}" + "".join(f" {h:>20s} |" for h in heads))
     for name, amp, t, fpt in rows:
         kind = name.split(", ")[1]
         share = fpt * tokens / t / (peak if amp == "bf16" else peak32)
-        ratio = f"{base[kind] / t:.2f}x" if kind in base else "-"
+        ratios = [f"{base[(kind, b)] / t:.2f}x" if (kind, b) in base else "-" for b in precisions]
         mfu = f" {fpt * tokens / t / card[1]:5.3f} |" if card else ""
-        print(f"| {name:42s} | {amp:4s} | {t * 1000:9.1f} | {tokens / t:9.0f} | {share:7.2f} |{mfu} "
-              f"{ratio:>20s} |")
+        print(f"| {name:42s} | {amp:4s} | {t * 1000:9.1f} | {tokens / t:9.0f} | {share:7.2f} |{mfu}"
+              + "".join(f" {r:>20s} |" for r in ratios))
 
     own = {(name, amp): t for name, amp, t, _ in rows if name.startswith("this project")}
-    if a.amp != "none":
+    if len(precisions) > 1:
         print("| " + a.amp + " speed-up of this project's steps over its fp32 ones: " + ", ".join(
             f"{kind} {own[(name, 'none')] / own[(name, a.amp)]:.2f}x"
             for name, kind in (("this project, masked LM", "masked LM"), ("this project, QA", "QA"))))
     if both:
         mlm_name = "this project, masked LM"
         print("| the fused masked-LM loss's speed-up of the step over torch's default loss: "
-              + ", ".join(f"{amp} {own[(mlm_name + ', default loss', amp)] / own[(mlm_name, amp)]:.2f}x"
-                          for amp in dict.fromkeys(["none", a.amp])))
+              + ", ".join(f"{label[amp]} {own[(mlm_name + ', default loss', amp)] / own[(mlm_name, amp)]:.2f}x"
+                          for amp in precisions))
 
     # The data pipeline alone: what a training loop does per batch besides the model.
     stream = torch.randint(len(data.SPECIALS), a.vocab, (a.batch * a.seq * 200,))

@@ -155,6 +155,80 @@ class Recorder:
         self.board.close()
 
 
+class StepProfile:
+    """--profile DIR --profile-steps SKIP:COUNT: torch.profiler over COUNT training steps
+    after the first SKIP, then a Chrome trace per process in DIR (trace_rank<R>.json;
+    chrome://tracing or ui.perfetto.dev open it) and, from rank 0, the costliest operations
+    by device time (host time on a CPU) with the host's and the device's time per step:
+    a host that takes longer per step than the device's kernels is what holds a GPU back.
+    Call step() after every training step and finish() at the end of the epoch."""
+
+    def __init__(self, folder, skip, count, device, rank=0, main=True, print0=print):
+        from torch.profiler import ProfilerActivity, profile, schedule
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.rank, self.main, self.print0 = folder, rank, main, print0
+        self.skip, self.count, self.done = skip, count, False
+        self.on_device = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_device else [])
+        self.prof = profile(activities=activities, on_trace_ready=self._ready,
+                            schedule=schedule(wait=max(skip - 1, 0), warmup=min(skip, 1),
+                                              active=count, repeat=1))
+        self.prof.start()
+
+    def step(self):
+        if self.prof is not None and not self.done:
+            self.prof.step()
+
+    def finish(self):
+        """Stop (at the epoch's end): what was recorded is written, or a line says why not."""
+        if self.prof is None:
+            return
+        self.prof.stop()  # writes a window cut short by the epoch's end
+        self.prof = None
+        if not self.done:
+            self.done = True
+            self.print0(f"| profile: the epoch ended before step {self.skip + 1}; nothing was "
+                        "recorded (lower --profile-steps' SKIP)")
+
+    def _ready(self, prof):
+        self.done = True
+        path = os.path.join(self.folder, f"trace_rank{self.rank}.json")
+        try:
+            prof.export_chrome_trace(path)
+            if self.main:
+                for line in profile_lines(prof.key_averages(), self.on_device):
+                    self.print0(line)
+                self.print0(f"| profile: trace of rank {self.rank} in {path}")
+        except Exception as e:  # a diagnostic must not end the run it looks at
+            self.print0(f"| profile: could not be written ({type(e).__name__}: {e}); training goes on")
+
+
+def _device_us(event):
+    """An event's own device time in microseconds (the name changed in torch 2.4)."""
+    value = getattr(event, "self_device_time_total", None)
+    return value if value is not None else getattr(event, "self_cuda_time_total", 0.0)
+
+
+def profile_lines(averages, on_device, rows=15):
+    """The summary lines of a profile: per-step host and device times, then the `rows`
+    operations with the most own device time (host time without a device)."""
+    marks = [e for e in averages if e.key.startswith("ProfilerStep")]
+    steps = sum(e.count for e in marks) or 1
+    host = sum(e.cpu_time_total for e in marks) / steps / 1000
+    ops = [e for e in averages if not e.key.startswith("ProfilerStep")]
+    own = _device_us if on_device else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in ops)
+    where = "device" if on_device else "host"
+    lines = [f"| profile: {steps} steps | host {host:.2f} ms/step"
+             + (f" | device kernels {total / steps / 1000:.2f} ms/step" if on_device else "")]
+    lines.append(f"| {'operation':60s} | {'calls/step':>10s} | {where + ' ms/step':>15s} | {'share':>6s} |")
+    for e in sorted(ops, key=own, reverse=True)[:rows]:
+        name = e.key if len(e.key) <= 60 else e.key[:57] + "..."
+        lines.append(f"| {name:60s} | {e.count / steps:10.1f} | {own(e) / steps / 1000:15.3f} | "
+                     f"{100 * own(e) / max(total, 1e-9):5.1f}% |")
+    return lines
+
+
 def read_results(path):
     """The records of a results file, in order; a record repeated by a resumed run (same
     record kind, epoch and step) replaces the earlier one. ValueError for a file that

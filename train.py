@@ -183,6 +183,12 @@ class Trainer:
         self.epoch, self.step, self.sums = 1, 0, [0.0, 0.0]  # next epoch; its steps done; loss sums
         self.best, self.train_log, self.val_log = None, [], []
         self.signal = None
+        self.profile, self.profiled = None, False
+        if getattr(args, "profile", None):  # fail now, not after the first steps
+            try:
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--profile {args.profile}: cannot make that folder ({e})") from None
         recorder.start(append=self._start_from(args))
 
     # ---------------------------------------------------------------- state
@@ -253,11 +259,25 @@ class Trainer:
                     break
                 self.save_state()
         finally:
+            self._finish_profile()  # a run that stops early still writes what it recorded
             for s, h in handlers.items():
                 signal.signal(s, h)
         self.ctx.barrier()  # the file may just have been written by rank 0
         checkpoint.load_into(self.raw, self.task.best, self.task.kind, self.task.fingerprint)
         return self.train_log, self.val_log
+
+    def _start_profile(self):
+        """--profile: a StepProfile over the first epoch this run trains (once per run)."""
+        if getattr(self.args, "profile", None) and not self.profiled:
+            self.profiled = True
+            skip, count = self.args.profile_steps
+            self.profile = monitor.StepProfile(self.args.profile, skip, count, self.device,
+                                               self.ctx.rank, self.ctx.main, self.ctx.print0)
+
+    def _finish_profile(self):
+        if self.profile is not None:
+            self.profile.finish()
+            self.profile = None
 
     def _on_signal(self, signum, frame):
         self.signal = signum  # acted on at the next step boundary
@@ -279,6 +299,7 @@ class Trainer:
         total, counted = torch.zeros((), device=self.device), 0
         interval, first_bad = torch.zeros_like(total), torch.full((), -1, device=self.device)
         start = time.time()
+        self._start_profile()
         for i, batch in enumerate(batches):
             if i < self.step:
                 continue  # done before the run was stopped
@@ -302,6 +323,8 @@ class Trainer:
                     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 opt.step(self.scaler)
             self.step = i + 1
+            if self.profile is not None:
+                self.profile.step()
             if self.step % every == 0:
                 self._check(first_bad, epoch)
                 self._log(epoch, nbatches, ctx.all_sum([interval.item()])[0] / every / ctx.world,
@@ -321,6 +344,7 @@ class Trainer:
                     ctx.print0(f"| stopped at epoch {epoch}, batch {self.step}; state saved to "
                                f"{args.state_file}: run the same command with --resume to go on")
                     raise dist.Stopped(self.signal or signal.SIGTERM)
+        self._finish_profile()
         self._check(first_bad, epoch)
         loss_sum, count = ctx.all_sum([self.sums[0] + total.item(), self.sums[1] + counted])
         return loss_sum / max(count, 1)

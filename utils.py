@@ -97,10 +97,28 @@ def base_parser(description, **defaults):
     add("--tensorboard", type=str, default=None, metavar="DIR",
         help="write loss, learning rate, throughput and the validation and test scores to "
              "TensorBoard event files in DIR (needs `pip install tensorboard`)")
+    add("--profile", type=str, default=None, metavar="DIR",
+        help="profile some training steps with torch.profiler (see --profile-steps): a "
+             "Chrome trace per process in DIR and a table of the costliest operations")
+    add("--profile-steps", type=profile_steps, default=(20, 5), metavar="SKIP:COUNT",
+        help="with --profile, record COUNT steps of the first epoch this run trains, after "
+             "its first SKIP steps (which hold the compilation and warm-up)")
     add("--results", type=str, default=None, metavar="FILE",
         help="JSON-lines file of the run's numbers: a record per log interval, per validation "
              "and for the final test (default: the --loss-log path with .jsonl)")
     return p
+
+
+def profile_steps(text):
+    """'SKIP:COUNT' -> (SKIP, COUNT), for --profile-steps."""
+    try:
+        skip, count = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SKIP:COUNT, two whole numbers such as 20:5, "
+                                         f"got {text!r}") from None
+    if skip < 0 or count < 1:
+        raise argparse.ArgumentTypeError(f"SKIP must be 0 or more and COUNT 1 or more, got {text!r}")
+    return skip, count
 
 
 def add_corpus_flags(p, default, choices, task):

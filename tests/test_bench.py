@@ -69,3 +69,25 @@ def test_bench_runs_the_sync_free_step_with_adamw(tmp_path):
     assert re.search(r"^\| bf16 speed-up of this project's steps over its fp32 ones: masked LM "
                      r"[\d.]+x, QA [\d.]+x$", out, re.M)
     assert "adamw (fused) | masks per-sequence" in out and "| this project, masked LM" in out
+
+
+def test_bench_amp_only_times_bf16_alone_against_transformers_bf16(tmp_path):
+    out = run_script("bench.py", "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
+                     "--vocab", "200", "--batch", "2", "--seq", "16", "--steps", "1", "--device",
+                     "cpu", "--mask-draw", "per-sequence", "--optimizer", "adamw", "--amp", "bf16",
+                     "--amp-only", cwd=tmp_path).stdout
+    rows = [line for line in out.splitlines()
+            if line.startswith(("| this project", "| transformers ")) and "installed" not in line]
+    assert rows and all(line.split("|")[2].strip() == "bf16" for line in rows), rows
+    assert "speed-up of this project's steps over its fp32 ones" not in out
+    try:
+        import transformers  # noqa: F401  (optional: bench.py only)
+    except ImportError:
+        return
+    head = next(line for line in out.splitlines() if line.startswith("| step"))
+    assert "vs transformers bf16" in head and "vs transformers fp32" not in head
+    for line in rows:  # a ratio for every step; transformers' own steps are 1.00x
+        ratio = line.rstrip(" |").split("|")[-1].strip()
+        assert re.fullmatch(r"[\d.]+x", ratio), line
+        if line.startswith("| transformers"):
+            assert ratio == "1.00x", line

@@ -139,6 +139,66 @@ def test_results_file_holds_the_numbers_of_the_printout(tmp_path):
     assert len(again) == len(records) and [r["loss"] for r in first] == [1.0]
 
 
+def test_profile_writes_a_trace_and_the_costliest_operations(tmp_path):
+    """--profile: the steps asked for, once per run (first epoch only), a Chrome trace,
+    the per-step times and a table; an epoch too short for them says so and trains on."""
+    wt = write_wikitext(tmp_path / "wt", (300, 40, 40))
+    proc = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "2", "--profile", "prof",
+                      "--profile-steps", "2:3", cwd=tmp_path)
+    heads = re.findall(r"^\| profile: (\d+) steps \| host ([\d.]+) ms/step$", proc.stdout, re.M)
+    assert len(heads) == 1 and heads[0][0] == "3" and float(heads[0][1]) > 0, proc.stdout
+    rows = re.findall(r"^\| (aten::\S+) +\| +([\d.]+) \| +([\d.]+) \| +([\d.]+)% \|$", proc.stdout, re.M)
+    assert len(rows) >= 5, proc.stdout
+    times = [float(r[2]) for r in rows]
+    assert times == sorted(times, reverse=True) and 0 < sum(float(r[3]) for r in rows) <= 100.5
+    trace = json.loads((tmp_path / "prof" / "trace_rank0.json").read_text())
+    steps = {e["name"] for e in trace["traceEvents"] if str(e.get("name", "")).startswith("ProfilerStep")}
+    assert len(steps) == 3, steps  # the 3 recorded steps, not the skipped ones
+    assert "| End of training |" in proc.stdout
+    late = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", "--profile", "late",
+                      "--profile-steps", "100000:2", cwd=tmp_path)
+    assert "| profile: the epoch ended before step 100001; nothing was recorded" in late.stdout
+    assert not (tmp_path / "late" / "trace_rank0.json").exists()
+    assert "| End of training |" in late.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile-steps", "5"], "expected SKIP:COUNT"),
+    (["--profile-steps", "3:0"], "COUNT 1 or more"),
+    (["--profile", "afile"], "--profile afile: cannot make that folder"),
+])
+def test_profile_bad_flags_are_one_clear_error(tmp_path, flags, message):
+    wt = write_wikitext(tmp_path / "wt", (300, 40, 40))
+    (tmp_path / "afile").write_text("not a folder")
+    proc = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", "--profile", "p",
+                      *flags, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlm_bert.pt").exists()
+
+
+class _Event:
+    def __init__(self, key, count, cpu, own_cpu, device=None, cuda=None):
+        self.key, self.count, self.cpu_time_total, self.self_cpu_time_total = key, count, cpu, own_cpu
+        if device is not None:  # torch 2.4 on
+            self.self_device_time_total = device
+        if cuda is not None:  # torch before 2.4
+            self.self_cuda_time_total = cuda
+
+
+@pytest.mark.parametrize("field", ["device", "cuda"])
+def test_profile_lines_give_host_and_device_time_per_step(field):
+    events = [_Event("ProfilerStep*", 4, 40_000.0, 1_000.0, **{field: 0.0}),
+              _Event("aten::mm", 48, 8_000.0, 8_000.0, **{field: 20_000.0}),
+              _Event("aten::add_", 400, 6_000.0, 6_000.0, **{field: 4_000.0})]
+    lines = monitor.profile_lines(events, on_device=True)
+    assert lines[0] == "| profile: 4 steps | host 10.00 ms/step | device kernels 6.00 ms/step"
+    assert lines[2].startswith("| aten::mm ") and "|       12.0 |           5.000 |  83.3% |" in lines[2]
+    assert lines[3].startswith("| aten::add_ ") and "|  16.7% |" in lines[3]
+    cpu = monitor.profile_lines(events, on_device=False)
+    assert cpu[0] == "| profile: 4 steps | host 10.00 ms/step" and "host ms/step" in cpu[1]
+    assert cpu[2].startswith("| aten::mm ") and "|           2.000 |  57.1% |" in cpu[2]
+
+
 def test_match_feature_marks_context_words_of_the_question():
     paras = [dict(context="Paris is big. Zorblax lives in Paris.", qas=[dict(
         id="a", question="Where does Zorblax live?", answers=[("Paris", 0)])])]
