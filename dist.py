@@ -157,13 +157,18 @@ def setup(args, banner=""):
 
 
 def wrap(model, args, ctx):
-    """torch.compile (--compile) and DDP (when distributed) around model, whose
-    parameters they share. Dropout then draws per rank."""
+    """torch.compile (--compile) and DDP (when distributed over several processes) around
+    model, whose parameters they share. Dropout then draws per rank. A job of one
+    process trains without DDP: it has nothing to synchronise, and under torch.compile
+    the wrapper would split the compiled graph at its gradient buckets (about 20 pieces
+    at BERT-base sizes), each a separate call from the host."""
     if args.compile:
         model = torch.compile(model, mode=None if args.compile == "default" else args.compile)
     if not tdist.is_initialized():
         return model
     torch.manual_seed(args.seed + ctx.rank)
+    if ctx.world == 1:
+        return model
     device_ids = [ctx.local] if next(model.parameters()).is_cuda else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 

@@ -146,3 +146,19 @@ def test_one_sharding_policy():
     assert max(len(v) for v in served.values()) <= 9  # 23 rows over 3 ranks: a third each
     ctx = dist.Context(rank=1, world=2)
     assert ctx.rows(7) == slice(4, 7) and ctx.shard(True) == dict(rank=1, world=2, drop_last=True)
+
+
+def test_a_one_process_job_trains_without_the_ddp_wrapper(tmp_path):
+    """torchrun --nproc_per_node 1 (a process group of one): no DDP around the model, which
+    under torch.compile would cut the graph at its gradient buckets (two processes keep DDP:
+    the tests above, whose results equal one process's, need its gradient averaging)."""
+    import torch.distributed as tdist
+    from types import SimpleNamespace
+    args = SimpleNamespace(compile=None, seed=3)
+    model = torch.nn.Linear(4, 2)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.wrap(model, args, dist.Context(rank=0, world=1)) is model
+    finally:
+        tdist.destroy_process_group()
+    assert dist.wrap(model, args, dist.Context(rank=0, world=1)) is model  # no group at all
