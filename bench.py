@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import data
 import train
-from model import MAX_POSITIONS, MLMTask, QuestionAnswerTask, flops_per_token
+from model import MAX_POSITIONS, BertModel, MLMTask, QuestionAnswerTask, flops_per_token
 from utils import autocast
 
 
@@ -60,6 +60,9 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout of this project's models")
+    p.add_argument("--no-ffn-dropout", action="store_true",
+                   help="as mlm_task.py --no-ffn-dropout: BERT's layout, no dropout inside the "
+                        "feed-forward block (transformers' models never have one there)")
     p.add_argument("--steps", type=int, default=3,
                    help="timed steps of each model (after one warm-up step), taken in turns")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
@@ -185,7 +188,8 @@ def main():
     tokens = a.batch * a.seq
     print(f"| device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"batch {a.batch} x seq {a.seq} | {a.nlayers} layers x {a.emsize}, {a.nhead} heads, "
-          f"{a.nhid} hidden, vocab {a.vocab}{', tied' if a.tie_weights else ''}, dropout {a.dropout:g} | amp {a.amp} | "
+          f"{a.nhid} hidden, vocab {a.vocab}{', tied' if a.tie_weights else ''}, dropout {a.dropout:g}"
+          f"{' (none in the FFN)' if a.no_ffn_dropout else ''} | amp {a.amp} | "
           f"{a.optimizer}{' (' + a.adamw_kernel + ')' if a.optimizer == 'adamw' else ''} | masks {a.mask_draw} | compile {a.compile or 'off'}")
     peak32 = peak_gemm(device, torch.float32)
     peak = peak_gemm(device, torch.bfloat16) if a.amp == "bf16" else peak32
@@ -206,8 +210,9 @@ def main():
     ends = torch.clamp(starts + 3, max=a.seq - 1)
     frac = masked.float().mean().item()
 
-    mlm = MLMTask(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, a.dropout,
-                  tie_weights=a.tie_weights).to(device)
+    encoder = BertModel(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, a.dropout,
+                        inner_dropout=not a.no_ffn_dropout)
+    mlm = MLMTask.on(encoder, tie_weights=a.tie_weights).to(device)
     qa = QuestionAnswerTask(mlm.bert_model).to(device)
     cfg = mlm.bert_model.config
     mode = None if a.compile in (None, "default") else a.compile

@@ -37,6 +37,10 @@ def build_parser():
         help="pre-LayerNorm encoder layers (LayerNorm before attention and FFN, one after the "
              "last layer) instead of BERT's and the original's post-LayerNorm ones. Stored in "
              "the checkpoint: ns_task.py and qa_task.py follow it")
+    add("--no-ffn-dropout", action="store_true",
+        help="no dropout inside the feed-forward block, after its activation: BERT's layout "
+             "(the original's layers, torch's TransformerEncoderLayer, have one). Stored in "
+             "the checkpoint: ns_task.py and qa_task.py follow it")
     add("--layer-norm-eps", type=float, default=1e-5,
         help="epsilon of the encoder's LayerNorms: the original's 1e-5, or BERT's 1e-12, which "
              "its masked-LM head has too (export.py writes the masked-LM model of the latter "
@@ -186,7 +190,8 @@ def main(args):
         ctx.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
 
     raw = MLMTask.on(BertModel(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers,
-                               args.dropout, args.norm_first, args.layer_norm_eps),
+                               args.dropout, args.norm_first, args.layer_norm_eps,
+                               inner_dropout=not args.no_ffn_dropout),
                      args.tie_weights)
     model = train.prepare_model(raw, args, ctx, "at their random initialisation")
     ctx.print0(f"| model: {count_parameters(raw):,} parameters")

@@ -86,6 +86,22 @@ def test_norm_first_encoder_is_rebuilt_downstream(tmp_path, wikitext):
            "post.pt", match="other sizes.*norm_first")
 
 
+def test_no_ffn_dropout_is_stored_and_followed_downstream(tmp_path, wikitext):
+    """--no-ffn-dropout: BERT's layout, no dropout between the FFN's two projections; the
+    other dropouts stay, and the checkpoint rebuilds it."""
+    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--no-ffn-dropout",
+               "--dropout", "0.3", cwd=tmp_path)
+    vocab = data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
+    enc = checkpoint.load_encoder(tmp_path / "mlm_bert.pt", vocab)
+    assert enc.config["inner_dropout"] is False
+    assert all(layer.dropout.p == 0.0 and layer.dropout1.p == 0.3 and layer.dropout2.p == 0.3
+               for layer in enc.layers)
+    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--dropout", "0.3",
+               "--save", "with.pt", cwd=tmp_path)
+    plain = checkpoint.load_encoder(tmp_path / "with.pt", vocab)
+    assert "inner_dropout" not in plain.config and plain.layers[0].dropout.p == 0.3  # the original's
+
+
 def test_tie_weights_shares_the_embeddings_with_the_output_projection(tmp_path, wikitext):
     from model import MLMTask
     tied, untied = MLMTask(100, 32, 2, 64, 2, tie_weights=True), MLMTask(100, 32, 2, 64, 2)
