@@ -167,7 +167,7 @@ class StepProfile:
         from torch.profiler import ProfilerActivity, profile, schedule
         os.makedirs(folder, exist_ok=True)
         self.folder, self.rank, self.main, self.print0 = folder, rank, main, print0
-        self.skip, self.count, self.done = skip, count, False
+        self.skip, self.count, self.done, self.calls = skip, count, False, 0
         self.on_device = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_device else [])
         self.prof = profile(activities=activities, on_trace_ready=self._ready,
@@ -177,6 +177,7 @@ class StepProfile:
 
     def step(self):
         if self.prof is not None and not self.done:
+            self.calls += 1
             self.prof.step()
 
     def finish(self):
@@ -196,7 +197,8 @@ class StepProfile:
         try:
             prof.export_chrome_trace(path)
             if self.main:
-                for line in profile_lines(prof.key_averages(), self.on_device):
+                steps = max(1, min(self.count, self.calls - self.skip))  # fewer at an epoch's end
+                for line in profile_lines(prof.key_averages(), self.on_device, steps):
                     self.print0(line)
                 self.print0(f"| profile: trace of rank {self.rank} in {path}")
         except Exception as e:  # a diagnostic must not end the run it looks at
@@ -209,13 +211,16 @@ def _device_us(event):
     return value if value is not None else getattr(event, "self_cuda_time_total", 0.0)
 
 
-def profile_lines(averages, on_device, rows=15):
-    """The summary lines of a profile: per-step host and device times, then the `rows`
-    operations with the most own device time (host time without a device)."""
-    marks = [e for e in averages if e.key.startswith("ProfilerStep")]
-    steps = sum(e.count for e in marks) or 1
-    host = sum(e.cpu_time_total for e in marks) / steps / 1000
-    ops = [e for e in averages if not e.key.startswith("ProfilerStep")]
+def profile_lines(averages, on_device, steps, rows=15):
+    """The summary lines of a profile of `steps` steps: per-step host and device times,
+    then the `rows` operations with the most own device time (host time without a device)."""
+    # The step marks as the host saw them (a GPU trace also has them as device annotations),
+    # and the operations without annotations, whose own device times add up to the kernels'.
+    marks = [e for e in averages if e.key.startswith("ProfilerStep")
+             and str(getattr(e, "device_type", "CPU")).endswith("CPU")]
+    host = sum(e.cpu_time_total for e in marks) / steps / 1000  # the steps' wall time on the host
+    ops = [e for e in averages if not e.key.startswith("ProfilerStep")
+           and not getattr(e, "is_user_annotation", False)]
     own = _device_us if on_device else (lambda e: e.self_cpu_time_total)
     total = sum(own(e) for e in ops)
     where = "device" if on_device else "host"

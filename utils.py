@@ -100,7 +100,7 @@ def base_parser(description, **defaults):
     add("--profile", type=str, default=None, metavar="DIR",
         help="profile some training steps with torch.profiler (see --profile-steps): a "
              "Chrome trace per process in DIR and a table of the costliest operations")
-    add("--profile-steps", type=profile_steps, default=(20, 5), metavar="SKIP:COUNT",
+    add("--profile-steps", type=profile_steps, default="20:5", metavar="SKIP:COUNT",
         help="with --profile, record COUNT steps of the first epoch this run trains, after "
              "its first SKIP steps (which hold the compilation and warm-up)")
     add("--results", type=str, default=None, metavar="FILE",

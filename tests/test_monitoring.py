@@ -155,6 +155,10 @@ def test_profile_writes_a_trace_and_the_costliest_operations(tmp_path):
     steps = {e["name"] for e in trace["traceEvents"] if str(e.get("name", "")).startswith("ProfilerStep")}
     assert len(steps) == 3, steps  # the 3 recorded steps, not the skipped ones
     assert "| End of training |" in proc.stdout
+    batches = int(re.search(r"^\| train: \d+ tokens, (\d+) batches$", proc.stdout, re.M).group(1))
+    cut = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", "--profile", "cut",
+                     "--profile-steps", f"{batches - 2}:5", cwd=tmp_path)
+    assert re.search(r"^\| profile: 2 steps \| host [\d.]+ ms/step$", cut.stdout, re.M), cut.stdout
     late = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", "--profile", "late",
                       "--profile-steps", "100000:2", cwd=tmp_path)
     assert "| profile: the epoch ended before step 100001; nothing was recorded" in late.stdout
@@ -190,11 +194,16 @@ def test_profile_lines_give_host_and_device_time_per_step(field):
     events = [_Event("ProfilerStep*", 4, 40_000.0, 1_000.0, **{field: 0.0}),
               _Event("aten::mm", 48, 8_000.0, 8_000.0, **{field: 20_000.0}),
               _Event("aten::add_", 400, 6_000.0, 6_000.0, **{field: 4_000.0})]
-    lines = monitor.profile_lines(events, on_device=True)
+    marks = _Event("ProfilerStep*", 4, 24_000.0, 0.0, **{field: 24_000.0})  # the GPU's copy
+    marks.device_type, marks.is_user_annotation = "DeviceType.CUDA", True
+    region = _Event("## Call CompiledFxGraph ##", 4, 9_000.0, 0.0, **{field: 9_000.0})
+    region.is_user_annotation = True  # spans kernels counted already
+    events += [marks, region]
+    lines = monitor.profile_lines(events, on_device=True, steps=4)
     assert lines[0] == "| profile: 4 steps | host 10.00 ms/step | device kernels 6.00 ms/step"
     assert lines[2].startswith("| aten::mm ") and "|       12.0 |           5.000 |  83.3% |" in lines[2]
     assert lines[3].startswith("| aten::add_ ") and "|  16.7% |" in lines[3]
-    cpu = monitor.profile_lines(events, on_device=False)
+    cpu = monitor.profile_lines(events, on_device=False, steps=4)
     assert cpu[0] == "| profile: 4 steps | host 10.00 ms/step" and "host ms/step" in cpu[1]
     assert cpu[2].startswith("| aten::mm ") and "|           2.000 |  57.1% |" in cpu[2]
 
