@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 # The settings chosen for a 2-core CPU; their times and scores on such a CPU, in fp32 and
 # bf16, are in docs/recipe.md.
 DEFAULTS = dict(emsize=128, nhid=512, nlayers=2, nhead=2, dropout=0.0, batch_size=32, bptt=128,
-                mlm_epochs=8, mlm_lr=1e-3, ns_epochs=1, ns_lr=3e-5, cloze_epochs=4,
+                mlm_epochs=6, mlm_lr=1e-3, ns_epochs=1, ns_lr=3e-5, cloze_epochs=5,
                 qa_epochs=5, qa_lr=1e-3,
                 doc_stride=64, warmup=100, min_sentence_len=60, seeds=3, holdout_articles=4)
 
