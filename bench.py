@@ -235,7 +235,8 @@ def main():
         return (F.cross_entropy(s.float(), starts) + F.cross_entropy(e.float(), ends)) / 2
 
     # (name, amp, step, flops per token): every step is timed in the same rounds.
-    # This project's steps in fp32 too when --amp bf16: the bf16 speed-up from one run.
+    # This project's steps in fp32 too when --amp bf16 (not with --amp-only): the bf16
+    # speed-up from one run.
     precisions = [a.amp] if a.amp_only else list(dict.fromkeys(["none", a.amp]))
     runs = []
     for amp in precisions:
