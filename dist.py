@@ -149,8 +149,8 @@ def setup(args, banner=""):
         ctx.rank, ctx.world, ctx.local = rank, world, local
         if use_cuda:
             ctx.control = tdist.new_group(backend="gloo")
-        ctx.print0(f"| DDP: {world} processes, backend {tdist.get_backend()}, "
-                   f"rendezvous {addr}:{port}")
+        ctx.print0(f"| DDP: {world} process{'es' if world > 1 else ' (trains without the DDP wrapper)'}, "
+                   f"backend {tdist.get_backend()}, rendezvous {addr}:{port}")
     ctx.print0(f"| {banner + ' | ' if banner else ''}device: {ctx.device}")
     seed_everything(args.seed)
     return ctx

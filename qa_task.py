@@ -48,7 +48,13 @@ def build_parser():
         help="keep the last N articles of the training file out of training and choose the "
              "epoch (the model kept in --save) by F1 on them; the --test-file (or --dev-file) "
              "is then scored once, at the end, and chooses nothing (0: choose on --dev-file, "
-             "as the original did)")
+             "as the original did, unless --keep last)")
+    add("--keep", default="best", choices=["best", "last"],
+        help="the model kept in --save: 'best', the epoch of the highest F1 on the held-out "
+             "articles (or on --dev-file); 'last', the last epoch, chosen by nothing: with "
+             "--holdout-articles 0 every article of the training file is trained on, no "
+             "file is scored between epochs, and the --test-file (or --dev-file) is scored "
+             "once, at the end (settings fixed in advance)")
     add("--doc-stride", type=int, default=0,
         help="if > 0, read long contexts in overlapping windows this many tokens apart and take "
              "the best span of all windows (0: one window, the original)")
@@ -280,7 +286,8 @@ def main(args):
                                              show=ctx.main, shape=args.shape_feature)
     windows = windows.to(ctx.device)
     dev = squad.Evaluator(dev_source, args, tokenizer, vocab, ctx)
-    chooser = f"held-out articles ({args.holdout_articles})" if args.holdout_articles else "dev"
+    chooser = (f"held-out articles ({args.holdout_articles})" if args.holdout_articles
+               else "dev" if args.keep == "best" or args.cloze_dir else "evaluation, scored once at the end")
     ctx.print0(f"| train: {len(examples)} questions, {len(windows)} windows with the answer "
                f"inside | {chooser}: {len(dev.examples)} questions, {len(dev.windows)} windows")
 
@@ -308,10 +315,11 @@ def main(args):
     batches = lambda epoch: data.Batches(epoch_windows(epoch), batch_size=args.batch_size,
                                          shuffle=True, seed=args.seed, epoch=epoch,
                                          **ctx.shard(True))
+    blind = args.keep == "last" and not args.holdout_articles and args.cloze_dir is None
     task = train.Task(
         "qa_task", lambda m, w: qa_loss(m, w, vocab.roles.pad, args.loss, args.max_answer_len),
-        batches, len(batches(1)), lambda model: numbers(dev(model)), describe,
-        args.save, vocab.fingerprint, select=lambda r: -r["f1"])
+        batches, len(batches(1)), None if blind else lambda model: numbers(dev(model)),
+        describe, args.save, vocab.fingerprint, select=lambda r: -r["f1"], keep=args.keep)
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)
     trainer.fit()
     if args.decode == "choose":

@@ -19,12 +19,15 @@ Runs, one after another, each as its own process with its printout kept in OUT/*
 SQuAD: train-v1.1.json / dev-v1.1.json (plain or .gz) in --squad when they are there;
 otherwise dev-split-train-v1.1.json / dev-split-eval-v1.1.json, a split of the
 official dev set by article (the table then says "dev-split"). The SQuAD steps (4-6)
-run once per seed (--seeds) from the same pretrained model. Each chooses its epoch, and
-then (--decode choose) how it picks an answer span, by F1 on the last
---holdout-articles articles of the training file, which it does not train on; the
-evaluation file chooses nothing and is scored once per run, on every
-question, with the official v1.1 measure. The table gives the mean and spread over
-the seeds, and pretraining's gain over the baseline seed by seed.
+run once per seed (--seeds) from the same pretrained model. Each trains on every
+article of the training file with settings fixed in advance (chosen on held-out
+training articles, see docs/recipe.md): it keeps its last epoch and answers with the
+span of highest expected F1 at temperature 0.67. The evaluation file chooses nothing
+and is scored once per run, on every question, with the official v1.1 measure.
+(--keep best --holdout-articles N --decode choose: each run chooses its epoch and its
+decoding on the last N training articles instead, and does not train on them.) The
+table gives the mean and spread over the seeds, and pretraining's gain over the
+baseline seed by seed.
 
 OUT/results.md is rewritten after every stage: the table so far, the commands, the
 machine. A stage whose output is already in OUT (from an earlier, stopped run with the
@@ -54,8 +57,9 @@ HERE = Path(__file__).resolve().parent
 DEFAULTS = dict(emsize=128, nhid=512, nlayers=2, nhead=2, dropout=0.0, batch_size=32, bptt=128,
                 mlm_epochs=6, mlm_lr=1e-3, ns_epochs=1, ns_lr=3e-5, cloze_epochs=5,
                 qa_epochs=5, qa_lr=1e-3,
-                doc_stride=64, warmup=100, min_sentence_len=60, seeds=3, holdout_articles=4)
+                doc_stride=64, warmup=100, min_sentence_len=60, seeds=3, holdout_articles=0)
 
+TEMPERATURE = 0.67  # --decode expected-f1's default, chosen on held-out articles (docs/recipe.md)
 SEED = 21192391  # qa_task.py's; seed k of the SQuAD steps is SEED + k - 1
 
 
@@ -107,14 +111,19 @@ def parse(argv=None):
     p.add_argument("--cloze-fresh", action=argparse.BooleanOptionalAction, default=True,
                    help="span selection reads other questions from the same text every epoch "
                         "(qa_task.py --cloze-fresh); --no-cloze-fresh: the same questions")
-    p.add_argument("--decode", default="choose", choices=["best", "expected-f1", "choose"],
+    p.add_argument("--keep", default="last", choices=["last", "best"],
+                   help="the SQuAD steps' model: the last epoch's, chosen by nothing (trained "
+                        "on every training article unless --holdout-articles), or the epoch "
+                        "of the best F1 on the --holdout-articles (qa_task.py --keep)")
+    p.add_argument("--decode", default="expected-f1", choices=["best", "expected-f1", "choose"],
                    help="the SQuAD steps' answers: the most probable span, or the span of "
-                        "highest expected F1, or ('choose') the one of these, with its "
-                        "temperature, of the highest F1 on the held-out articles, per run "
-                        "(qa_task.py --decode)")
-    p.add_argument("--decode-temperature", type=float, default=1.0,
+                        "highest expected F1, or ('choose', with --holdout-articles) the one "
+                        "of these, with its temperature, of the highest F1 on the held-out "
+                        "articles, per run (qa_task.py --decode)")
+    p.add_argument("--decode-temperature", type=float, default=None,
                    help="with --decode expected-f1: the span distribution's temperature "
-                        "(qa_task.py --decode-temperature)")
+                        "(qa_task.py --decode-temperature; default 0.67, chosen on held-out "
+                        "articles)")
     helps = dict(emsize="model width", nhid="feed-forward width", nlayers="encoder layers",
                  nhead="attention heads", dropout="dropout in every step",
                  batch_size="sequences per batch, every step", bptt="tokens per sequence",
@@ -128,12 +137,16 @@ def parse(argv=None):
                  min_sentence_len="next sentence: shortest line split into a pair, in tokens",
                  seeds="runs of each SQuAD step, one seed each, from the same pretrained model",
                  holdout_articles="last articles of the SQuAD training file kept out of "
-                                  "training to choose the epoch on (0: choose on the "
-                                  "evaluation file, which then flatters the score)")
+                                  "training, to choose on with --keep best or --decode "
+                                  "choose (0 with --keep best: choose on the evaluation "
+                                  "file, which then flatters the score)")
     for name, value in DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                        help=helps[name])
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.decode == "expected-f1" and a.decode_temperature is None:
+        a.decode_temperature = TEMPERATURE
+    return a
 
 
 def squad_files(folder):
@@ -171,9 +184,11 @@ def commands(a, out):
 
     def qa(tag, extra, freeze=a.freeze_embeddings, epochs=a.qa_epochs, seed=SEED):
         decode = (["--decode", a.decode] if a.decode != "best" else []) + (
-            ["--decode-temperature", a.decode_temperature] if a.decode_temperature != 1.0 else [])
+            ["--decode-temperature", a.decode_temperature]
+            if a.decode_temperature not in (None, 1.0) else [])
         files = (["--train-file", train, "--dev-file", dev, "--seed", seed]
                  + (["--holdout-articles", a.holdout_articles] if a.holdout_articles else [])
+                 + (["--keep", "last"] if a.keep == "last" else [])
                  + decode if tag != "cloze" else [])
         return ["qa_task.py", *common, "--bert-model", out / "ns_bert.pt", *files,
                 "--epochs", epochs, "--lr", a.qa_lr,
@@ -295,8 +310,7 @@ def table(results, label, a):
                     f"{fmt(r.get('F1'), '.2f')} | {r['seconds'] / 60:.1f} min |")
     frozen = a.freeze_embeddings
     first = 4 if a.cloze_epochs else 3
-    chooser = (f"epoch chosen on {a.holdout_articles} held-out training articles"
-               if a.holdout_articles else "epoch chosen on these same questions")
+    chooser = chooser_text(a)
     runs = lambda kind: [results[f"{kind}_s{k}"] for k in range(1, a.seeds + 1)
                          if "F1" in results.get(f"{kind}_s{k}", {})]
     for n, key, what in ((first, "qa", "pretrained encoder"),
@@ -309,12 +323,13 @@ def table(results, label, a):
             continue
         f1, em = spread([r["F1"] for r in rs]), spread([r["EM"] for r in rs])
         each = ", ".join(f"{r['F1']:.2f}" for r in rs)
-        held = ", ".join(fmt(r.get("chosen_f1"), ".2f") for r in rs)
+        held = (", F1 there: " + ", ".join(fmt(r.get("chosen_f1"), ".2f") for r in rs)
+                if a.holdout_articles or a.keep == "best" else "")
         minutes = ", ".join(f"{r['seconds'] / 60:.1f}" for r in rs)
         rows.append(
             f"| {n}. SQuAD v1.1, {what} | {label}, all {rs[0].get('questions', '-')} questions, "
             f"{len(rs)} seed{'s' if len(rs) > 1 else ''}: **F1 {f1[0]:.2f} ± {f1[1]:.2f}**, EM "
-            f"{em[0]:.2f} ± {em[1]:.2f} (F1 of each seed: {each}; {chooser}, F1 there: {held}) | "
+            f"{em[0]:.2f} ± {em[1]:.2f} (F1 of each seed: {each}; {chooser}{held}) | "
             f"{minutes} min |")
     steps = ("mlm", "ns", "cloze", "qa_s1") if a.cloze_epochs else ("mlm", "ns", "qa_s1")
     pipeline = sum(results[k]["seconds"] for k in steps if k in results)
@@ -338,6 +353,16 @@ def table(results, label, a):
                    "(--no-shape-feature). ") + "SQuAD answers: "
                 + answers_text(a, results))
     return "\n".join(rows)
+
+
+def chooser_text(a):
+    """The table's words on which model each SQuAD step kept."""
+    if a.keep == "last":
+        return (f"the last of {a.qa_epochs} epochs kept, "
+                + (f"{a.holdout_articles} training articles held out" if a.holdout_articles
+                   else "trained on every training article, nothing chosen"))
+    return (f"epoch chosen on {a.holdout_articles} held-out training articles"
+            if a.holdout_articles else "epoch chosen on these same questions")
 
 
 def answers_text(a, results):
@@ -398,10 +423,12 @@ def main():
     if a.seeds < 1 or a.holdout_articles < 0:
         sys.exit("recipe.py: error: --seeds must be at least 1 and --holdout-articles at least 0")
     if a.decode == "choose" and not a.holdout_articles:
-        sys.exit("recipe.py: error: --decode choose (the default) chooses on the held-out "
+        sys.exit("recipe.py: error: --decode choose chooses on the held-out "
                  "articles; give --holdout-articles N (N > 0), or --decode best")
-    if a.decode_temperature != 1.0 and a.decode != "expected-f1":
+    if a.decode_temperature is not None and a.decode != "expected-f1":
         sys.exit("recipe.py: error: --decode-temperature is for --decode expected-f1")
+    if a.decode_temperature is not None and a.decode_temperature <= 0:
+        sys.exit("recipe.py: error: --decode-temperature must be positive")
     if a.tie_weights and a.freeze_pretraining:
         sys.exit("recipe.py: error: --freeze-pretraining would also fix the masked-LM output "
                  "projection, which is the word embedding matrix by default; add --no-tie-weights")

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -154,14 +154,16 @@ class Task:
     loss: Callable  # (model, batch) -> mean loss tensor
     batches: Callable  # epoch -> its batches, the same for the same epoch in every run
     steps: int  # batches per epoch
-    validate: Callable  # model -> {"loss": ..., score: ...}, numbers only
+    validate: Optional[Callable]  # model -> {"loss": ..., score: ...}, numbers only; None: no
+    # scoring between epochs (keep="last" with nothing to show)
     describe: Callable  # (split, record) -> the text of its scores in the printouts
-    best: str  # where the best model on validation is kept (and loaded from after training)
+    best: str  # where the kept model is written (and loaded from after training)
     fingerprint: str  # the vocabulary's, kept in checkpoints
     select: Callable = lambda r: r["loss"]  # the value of validate's dict to minimise
     generators: tuple = ()  # torch.Generators the loss draws from, saved with the state
     fmt: tuple = ("5.2f", "8.2f")  # formats of loss and ppl in the progress lines
     train_tags: tuple = ("loss", "lr", "batches_per_s", "sequences_per_s", "tokens_per_s")
+    keep: str = "best"  # "best": the epoch of the best validation; "last": the last, chosen by nothing
 
 
 class Trainer:
@@ -234,23 +236,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self):
-        """Run the remaining epochs, then load the best model on validation into raw;
+        """Run the remaining epochs, then load the kept model (task.keep) into raw;
         returns the (train, valid) loss logs."""
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             while self.epoch <= self.args.epochs:
                 start = time.time()
                 self.train_log.append(self.train_epoch(self.epoch))
-                scores = self.task.validate(self.model)
-                self.val_log.append(scores["loss"])
-                record = dict(record="valid", epoch=self.epoch, seconds=time.time() - start,
-                              **scores)
-                self.recorder.write(record, step=self.epoch, tags=list(scores))
-                self.ctx.print0(monitor.epoch_lines(record, self.task.describe("valid", record)))
-                key = self.task.select(scores)
-                improved = self.best is None or key < self.best
-                if improved:
-                    self.best = key
+                keep, improved = self.validate(start)
+                if keep:
                     checkpoint.save_task(self.task.best, self.raw, self.task.kind,
                                          self.task.fingerprint, self.ctx.main)
                 self.optimizer.end_of_epoch(improved)
@@ -265,6 +259,27 @@ class Trainer:
         self.ctx.barrier()  # the file may just have been written by rank 0
         checkpoint.load_into(self.raw, self.task.best, self.task.kind, self.task.fingerprint)
         return self.train_log, self.val_log
+
+    def validate(self, start):
+        """Score the epoch just trained (where the task scores between epochs); returns
+        (keep its model: the best so far, or with keep="last" every epoch's; validation
+        improved, which the sgd schedule reads)."""
+        if self.task.validate is None:
+            self.ctx.print0(monitor.epoch_lines(
+                dict(epoch=self.epoch, seconds=time.time() - start),
+                "nothing scored: the last epoch is kept, the evaluation file is scored once "
+                "at the end"))
+            return True, True
+        scores = self.task.validate(self.model)
+        self.val_log.append(scores["loss"])
+        record = dict(record="valid", epoch=self.epoch, seconds=time.time() - start, **scores)
+        self.recorder.write(record, step=self.epoch, tags=list(scores))
+        self.ctx.print0(monitor.epoch_lines(record, self.task.describe("valid", record)))
+        key = self.task.select(scores)
+        improved = self.best is None or key < self.best
+        if improved:
+            self.best = key
+        return improved or self.task.keep == "last", improved
 
     def _start_profile(self):
         """--profile: a StepProfile over the first epoch this run trains (once per run)."""

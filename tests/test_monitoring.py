@@ -310,7 +310,7 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
            "--out", str(tmp_path / "out"), "--emsize", "32", "--nhid", "64", "--nlayers", "2",
            "--nhead", "2", "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "2", "--batch-size", "4",
            "--bptt", "32", "--min-sentence-len", "10", "--seeds", "2", "--holdout-articles", "1",
-           "--trainable-baseline"]
+           "--keep", "best", "--decode", "choose", "--trainable-baseline"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
@@ -423,6 +423,38 @@ def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
     small = subprocess.run(cmd[:-3] + ["50"], cwd=tmp_path, env=script_env(),
                            capture_output=True, text=True, timeout=60)
     assert small.returncode != 0 and "--vocab-size 50 is too small" in small.stderr
+
+
+def test_recipe_defaults_train_on_every_article_with_settings_fixed_in_advance(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
+    squad = tmp_path / "squad"
+    squad.mkdir()
+    write_squad(squad / "dev-split-train-v1.1.json", copies=3)
+    write_squad(squad / "dev-split-eval-v1.1.json", prefix="d")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "recipe.py"), "--wikitext", str(wt), "--squad", str(squad),
+           "--out", str(out), "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
+           "--mlm-epochs", "1", "--cloze-epochs", "0", "--qa-epochs", "2", "--batch-size", "4",
+           "--bptt", "32", "--min-sentence-len", "10", "--seeds", "1", "--no-baseline"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    command = results["qa_s1"]["command"]
+    assert " --keep last --decode expected-f1 --decode-temperature 0.67 " in command
+    assert "--holdout-articles" not in command
+    assert "| train: 27 questions" in (out / "qa_s1.log").read_text()  # every article
+    assert results["qa_s1"]["chosen_epoch"] is None and results["qa_s1"]["questions"] == 9
+    table = (out / "results.md").read_text()
+    assert "the last of 2 epochs kept, trained on every training article, nothing chosen)" in table
+    assert "SQuAD answers: the span of highest expected F1 (temperature 0.67)." in table
+    for flags, message in ((["--decode", "best", "--decode-temperature", "0.5"],
+                            "--decode-temperature is for --decode expected-f1"),
+                           (["--decode", "choose"], "give --holdout-articles N"),
+                           (["--decode-temperature", "0"], "must be positive")):
+        bad = subprocess.run(cmd + flags, cwd=tmp_path, env=script_env(), capture_output=True,
+                             text=True, timeout=60)
+        assert bad.returncode != 0 and message in bad.stderr, flags
 
 
 def test_shape_feature_from_a_model_without_it(trained_qa):

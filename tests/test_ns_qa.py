@@ -568,6 +568,33 @@ def test_decode_choose_picks_on_the_held_out_articles(tmp_path):
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_keep_last_trains_on_every_article_and_scores_the_evaluation_file_once(tmp_path):
+    common = _tiny_squad_run(tmp_path, copies=3, epochs=2)
+    # the same run choosing on the dev file scores it after every epoch: the reference
+    run_script("qa_task.py", *common, "--loss-log", "best.txt", "--save", "best.pt",
+               "--predictions", "best.json", cwd=tmp_path)
+    proc = run_script("qa_task.py", *common, "--keep", "last", "--loss-log", "last.txt",
+                      "--save", "last.pt", "--predictions", "last.json", cwd=tmp_path)
+    assert "| train: 27 questions" in proc.stdout  # all 3 articles
+    assert "| evaluation, scored once at the end: 9 questions" in proc.stdout
+    assert proc.stdout.count("nothing scored: the last epoch is kept") == 2
+    records = monitor.read_results(tmp_path / "last.jsonl")
+    assert not [r for r in records if r["record"] == "valid"]  # no file scored between epochs
+    assert records[-1]["record"] == "test" and records[-1]["questions"] == 9
+    # the kept model is the last epoch's: its score on the dev file is the reference's
+    # epoch 2 (the same seed trains the same model)
+    reference = [r for r in monitor.read_results(tmp_path / "best.jsonl") if r["record"] == "valid"]
+    assert [r["epoch"] for r in reference] == [1, 2]
+    assert records[-1]["f1"] == reference[1]["f1"]
+    assert records[-1]["loss"] == pytest.approx(reference[1]["loss"], rel=1e-5)
+    # with held-out articles, their scores are shown every epoch and the last epoch is kept
+    held = run_script("qa_task.py", *common, "--keep", "last", "--holdout-articles", "1",
+                      "--loss-log", "held.txt", "--save", "held.pt", "--predictions", "held.json",
+                      cwd=tmp_path)
+    assert "| train: 18 questions" in held.stdout and "nothing scored" not in held.stdout
+    assert len([r for r in monitor.read_results(tmp_path / "held.jsonl") if r["record"] == "valid"]) == 2
+
+
 def test_squad_files_official_first_then_the_dev_split(tmp_path):
     with pytest.raises(data.DataError, match="neither train-v1.1.json"):
         squad.squad_files(tmp_path)
