@@ -300,17 +300,25 @@ def test_random_init_starts_from_fresh_weights(trained_qa):
     assert not torch.equal(a["bert_embed.embed.weight"], b["bert_embed.embed.weight"])
 
 
-def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
+def _tiny_recipe(tmp_path, nlayers, *flags):
+    """WikiText and dev-split SQuAD files in tmp_path, and the recipe.py command that runs
+    a tiny pipeline on them into tmp_path/out with these flags."""
     wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
     squad = tmp_path / "squad"
     squad.mkdir()
     write_squad(squad / "dev-split-train-v1.1.json", copies=3)
     write_squad(squad / "dev-split-eval-v1.1.json", prefix="d")
-    cmd = [sys.executable, str(ROOT / "recipe.py"), "--wikitext", str(wt), "--squad", str(squad),
-           "--out", str(tmp_path / "out"), "--emsize", "32", "--nhid", "64", "--nlayers", "2",
-           "--nhead", "2", "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "2", "--batch-size", "4",
-           "--bptt", "32", "--min-sentence-len", "10", "--seeds", "2", "--holdout-articles", "1",
-           "--keep", "best", "--decode", "choose", "--trainable-baseline"]
+    return [sys.executable, str(ROOT / "recipe.py"), "--wikitext", str(wt), "--squad", str(squad),
+            "--out", str(tmp_path / "out"), "--emsize", "32", "--nhid", "64", "--nlayers",
+            str(nlayers), "--nhead", "2", "--mlm-epochs", "1", "--batch-size", "4", "--bptt", "32",
+            "--min-sentence-len", "10", *flags]
+
+
+def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
+    cmd = _tiny_recipe(tmp_path, 2, "--cloze-epochs", "1", "--qa-epochs", "2", "--seeds", "2",
+                       "--holdout-articles", "1", "--keep", "best", "--decode", "choose",
+                       "--trainable-baseline")
+    wt = tmp_path / "wt"
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
@@ -392,18 +400,11 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
 
 def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
     pytest.importorskip("tokenizers")
-    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
-    squad = tmp_path / "squad"
-    squad.mkdir()
-    write_squad(squad / "dev-split-train-v1.1.json", copies=3)
-    write_squad(squad / "dev-split-eval-v1.1.json", prefix="d")
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "recipe.py"), "--wikitext", str(wt), "--squad", str(squad),
-           "--out", str(out), "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
-           "--mlm-epochs", "1", "--cloze-epochs", "1", "--qa-epochs", "1", "--batch-size", "4",
-           "--bptt", "32", "--min-sentence-len", "10", "--seeds", "1", "--holdout-articles", "1",
-           "--no-baseline", "--cloze-style", "sentence", "--no-cloze-fresh", "--tokenizer",
-           "wordpiece", "--vocab-size", "300", "--pretrain-seed", "5"]
+    cmd = _tiny_recipe(tmp_path, 1, "--cloze-epochs", "1", "--qa-epochs", "1", "--seeds", "1",
+                       "--holdout-articles", "1", "--no-baseline", "--cloze-style", "sentence",
+                       "--no-cloze-fresh", "--tokenizer", "wordpiece", "--vocab-size", "300",
+                       "--pretrain-seed", "5")
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
@@ -426,16 +427,9 @@ def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
 
 
 def test_recipe_defaults_train_on_every_article_with_settings_fixed_in_advance(tmp_path):
-    wt = write_wikitext(tmp_path / "wt", (200, 40, 40))
-    squad = tmp_path / "squad"
-    squad.mkdir()
-    write_squad(squad / "dev-split-train-v1.1.json", copies=3)
-    write_squad(squad / "dev-split-eval-v1.1.json", prefix="d")
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "recipe.py"), "--wikitext", str(wt), "--squad", str(squad),
-           "--out", str(out), "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
-           "--mlm-epochs", "1", "--cloze-epochs", "0", "--qa-epochs", "2", "--batch-size", "4",
-           "--bptt", "32", "--min-sentence-len", "10", "--seeds", "1", "--no-baseline"]
+    cmd = _tiny_recipe(tmp_path, 1, "--cloze-epochs", "0", "--qa-epochs", "2", "--seeds", "1",
+                       "--no-baseline")
     proc = subprocess.run(cmd, cwd=tmp_path, env=script_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
