@@ -67,18 +67,32 @@ def _mixed_answer(words, rng):
     times a phrase of 2 to 5 words without punctuation, from a content word or an article
     to a content word ("the standard features", "multiple adjustments"); else a content
     word. Where a sentence has none of the kind drawn, the next kind of that order."""
-    named = _named_runs(words)
-    phrases = [(k, k + n) for k in range(1, len(words)) for n in range(2, 6)
-               if k + n <= len(words) and all(w.isalnum() for w in words[k:k + n])
-               and (_content(words[k]) or words[k].lower() in ("the", "a", "an"))
-               and _content(words[k + n - 1])]
-    singles = [(k, k + 1) for k in range(1, len(words)) if _content(words[k])]
+    content = [_content(w) for w in words]
+    named, phrases = _named_runs(words), _phrases(words, content)
+    singles = [(k, k + 1) for k in range(1, len(words)) if content[k]]
     r = rng.random()
     for kind in ([named, phrases, singles] if r < 0.4 else
                  [phrases, singles, named] if r < 0.75 else [singles, phrases, named]):
         if kind:
             return rng.choice(kind)
     return None
+
+
+def _phrases(words, content):
+    """The spans (k, k + n) of 2 to 5 alphanumeric words, not at the sentence's start, from
+    a content word or an article to a content word, by k then n; content: _content of
+    each word."""
+    alnum = [w.isalnum() for w in words]
+    phrases = []
+    for k in range(1, len(words)):
+        if not (content[k] or words[k].lower() in ("the", "a", "an")):
+            continue
+        for n in range(2, min(5, len(words) - k) + 1):
+            if not alnum[k + n - 1]:
+                break  # and so every longer one
+            if alnum[k] and content[k + n - 1]:
+                phrases.append((k, k + n))
+    return phrases
 
 
 _ANSWERS = {"named": _cloze_answer, "mixed": _mixed_answer}

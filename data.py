@@ -101,6 +101,8 @@ class Tokenizer:
 def _align(text, tok, pos):
     """Find tok in text at or after pos, allowing removed '"' characters inside it."""
     start = text.find(tok[0], pos)
+    if start >= 0 and text.startswith(tok, start):  # the usual case, where no '"' was removed inside
+        return start, start + len(tok)
     while start >= 0:
         i, j = start, 0
         while i < len(text) and j < len(tok):

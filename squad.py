@@ -7,6 +7,7 @@ decoding answer spans, and scoring them with the official measure (metrics.py).
 Answers are cut from the context by character offsets, so scores do not depend on how
 the tokenizer splits words.
 """
+import functools
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -151,6 +152,7 @@ class Windows:
         return Windows(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
+@functools.lru_cache(maxsize=1 << 17)  # a few words make most tokens
 def token_shape(text):
     """The shape of a token's raw text, an index of QuestionAnswerTask.SHAPE_NAMES: 1 a
     lower-case word, 2 Capitalised, 3 UPPER CASE (two letters or more), 4 holds a digit,

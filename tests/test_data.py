@@ -41,6 +41,13 @@ def test_spans_recover_each_token(text):
         last = e
 
 
+def test_align_finds_a_token_at_or_after_pos_only():
+    assert data._align('say ab"c ab', "abc", 0) == (4, 8)  # a removed '"' inside the token
+    assert data._align("abc ab", "ab", 1) == (4, 6)
+    assert data._align("abc a", "a", 5) == (-1, -1)  # not the text's last 'a', before pos
+    assert data._align("abc", "abd", 0) == (-1, -1)
+
+
 def test_vocab_order_and_round_trip(tmp_path):
     vocab = data.Vocab.build([["b", "a", "c", "a"], ["c", "d", "<unk>"]])
     assert vocab.itos == data.SPECIALS + ["a", "c", "b", "d"]

@@ -428,6 +428,20 @@ def test_mixed_answers_are_names_phrases_and_words():
     assert cloze._mixed_answer("and so it was .".split(), rng) is None
 
 
+@pytest.mark.parametrize("sentence", [
+    "In 1990 the Royal Navy sent a small fleet of armed ships to the Baltic Sea .",
+    "The band , formed in Leeds , released the album Third Light , an early record .",
+    "It was a very long and hard winter for all the people in the northern valleys",
+])
+def test_phrases_are_every_span_the_definition_allows(sentence):
+    words = sentence.split()
+    content = [cloze._content(w) for w in words]
+    defined = [(k, k + n) for k in range(1, len(words)) for n in range(2, 6)
+               if k + n <= len(words) and all(w.isalnum() for w in words[k:k + n])
+               and (content[k] or words[k].lower() in ("the", "a", "an")) and content[k + n - 1]]
+    assert cloze._phrases(words, content) == defined and defined
+
+
 def test_question_words_stay_inside_the_sentence():
     rng = __import__("random").Random(0)
     body = "a b c d e f g h".split()
