@@ -287,7 +287,9 @@ def machine():
     except OSError:
         pass
     flags = ", ".join(cpu_flags()) or "no bf16 instructions"
-    return (f"{cpu} ({flags}), {os.cpu_count()} logical cores, torch {torch.__version__}, "
+    kernels = torch.backends.cpu.get_cpu_capability()  # lower where ATEN_CPU_CAPABILITY caps it
+    return (f"{cpu} ({flags}; torch's {kernels} kernels), {os.cpu_count()} logical cores, "
+            f"torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 

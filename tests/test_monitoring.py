@@ -349,6 +349,7 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     assert f"F1 {sum(gains) / 2:+.2f} ± {abs(gains[0] - gains[1]) / 2 ** 0.5:.2f} points over 5" in table
     assert "epoch chosen on 1 held-out training articles" in table
     assert "Machine:" in table and "--match-feature" in table and "--random-init" in table
+    assert f"torch's {torch.backends.cpu.get_cpu_capability()} kernels" in table
     # --amp auto by default: bf16 autocast where this CPU has bf16 instructions, else fp32
     amp = "bf16" if recipe.cpu_flags() else "none"
     precision = "bf16 autocast" if amp == "bf16" else "fp32"
