@@ -90,7 +90,7 @@ def _phrases(words, content):
         for n in range(2, min(5, len(words) - k) + 1):
             if not alnum[k + n - 1]:
                 break  # and so every longer one
-            if alnum[k] and content[k + n - 1]:
+            if content[k + n - 1]:  # (words[k], a content word or an article, is alphanumeric)
                 phrases.append((k, k + n))
     return phrases
 

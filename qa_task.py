@@ -285,7 +285,12 @@ def main(args):
                                              args.doc_stride or None, training=True,
                                              show=ctx.main, shape=args.shape_feature)
     windows = windows.to(ctx.device)
-    dev = squad.Evaluator(dev_source, args, tokenizer, vocab, ctx)
+    blind = args.keep == "last" and not args.holdout_articles and args.cloze_dir is None
+    # The file scored at the end is read before training, so that a bad one fails first.
+    final = squad.Evaluator(args.test_file, args, tokenizer, vocab, ctx) if args.test_file else None
+    # Trained blind, nothing is chosen: the dev file is read only when it is the one scored.
+    dev = (final if blind and final is not None
+           else squad.Evaluator(dev_source, args, tokenizer, vocab, ctx))
     chooser = (f"held-out articles ({args.holdout_articles})" if args.holdout_articles
                else "dev" if args.keep == "best" or args.cloze_dir else "evaluation, scored once at the end")
     ctx.print0(f"| train: {len(examples)} questions, {len(windows)} windows with the answer "
@@ -315,7 +320,6 @@ def main(args):
     batches = lambda epoch: data.Batches(epoch_windows(epoch), batch_size=args.batch_size,
                                          shuffle=True, seed=args.seed, epoch=epoch,
                                          **ctx.shard(True))
-    blind = args.keep == "last" and not args.holdout_articles and args.cloze_dir is None
     task = train.Task(
         "qa_task", lambda m, w: qa_loss(m, w, vocab.roles.pad, args.loss, args.max_answer_len),
         batches, len(batches(1)), None if blind else lambda model: numbers(dev(model)),
@@ -324,8 +328,7 @@ def main(args):
     trainer.fit()
     if args.decode == "choose":
         choose_decoding(args, dev, model, recorder, ctx)
-    final = squad.Evaluator(args.test_file, args, tokenizer, vocab, ctx) if args.test_file else dev
-    r = final(model)
+    r = (dev if final is None else final)(model)
     trainer.finish(numbers(r), "test" if args.test_file else "dev")
     checkpoint.atomic_write_text(args.predictions, json.dumps(r["predictions"], ensure_ascii=False),
                                  ctx.main)

@@ -609,6 +609,23 @@ def test_keep_last_trains_on_every_article_and_scores_the_evaluation_file_once(t
     assert len([r for r in monitor.read_results(tmp_path / "held.jsonl") if r["record"] == "valid"]) == 2
 
 
+def test_the_file_scored_at_the_end_is_read_before_training(tmp_path):
+    common = _tiny_squad_run(tmp_path, copies=3, epochs=1)
+    (tmp_path / "broken.json").write_text('{"data": [')
+    for flags in ([], ["--keep", "last"], ["--holdout-articles", "1"]):
+        bad = run_script("qa_task.py", *common, *flags, "--test-file", "broken.json",
+                         "--save", "bad.pt", "--loss-log", "bad.txt", cwd=tmp_path, check=False)
+        assert bad.returncode == 2 and "cannot read SQuAD file broken.json" in bad.stderr
+        assert "Traceback" not in bad.stderr and "end of epoch" not in bad.stdout
+        assert not (tmp_path / "bad.pt").exists()
+    # trained blind on every article, a dev file it would never score is not read
+    blind = [a if a != "dev.json" else "absent.json" for a in common]
+    proc = run_script("qa_task.py", *blind, "--keep", "last", "--test-file", "dev.json",
+                      "--loss-log", "blind.txt", cwd=tmp_path)
+    assert "| evaluation, scored once at the end: 9 questions" in proc.stdout
+    assert monitor.read_results(tmp_path / "blind.jsonl")[-1]["questions"] == 9
+
+
 def test_squad_files_official_first_then_the_dev_split(tmp_path):
     with pytest.raises(data.DataError, match="neither train-v1.1.json"):
         squad.squad_files(tmp_path)
