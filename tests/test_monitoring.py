@@ -348,6 +348,7 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     gains = [results[f"qa_s{s}"]["F1"] - results[f"qa_random_s{s}"]["F1"] for s in (1, 2)]
     assert f"F1 {sum(gains) / 2:+.2f} ± {abs(gains[0] - gains[1]) / 2 ** 0.5:.2f} points over 5" in table
     assert "epoch chosen on 1 held-out training articles" in table
+    assert "| 3. span selection (mixed questions, new ones every epoch, 1 epoch, made" in table
     assert "Machine:" in table and "--match-feature" in table and "--random-init" in table
     assert f"torch's {torch.backends.cpu.get_cpu_capability()} kernels" in table
     # --amp auto by default: bf16 autocast where this CPU has bf16 instructions, else fp32
@@ -397,6 +398,18 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     missing = subprocess.run(cmd[:4] + ["--squad", str(wt)], cwd=tmp_path, env=script_env(),
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "dev-split-train-v1.1.json" in missing.stderr
+
+
+def test_recipe_span_selection_epochs_follow_the_precision():
+    """--cloze-epochs auto: 8 under bf16, 5 in fp32 (whose hour has no room for more on an
+    AVX2-only CPU); a number given is kept, and the stage's command carries it."""
+    base = ["--wikitext", "w", "--squad", "s"]
+    assert recipe.parse(base + ["--amp", "bf16"]).cloze_epochs == 8
+    assert recipe.parse(base + ["--amp", "none"]).cloze_epochs == 5
+    assert recipe.parse(base + ["--amp", "bf16", "--cloze-epochs", "2"]).cloze_epochs == 2
+    assert recipe.parse(base + ["--amp", "none", "--cloze-epochs", "0"]).cloze_epochs == 0
+    auto = recipe.parse(base)
+    assert auto.amp == "auto" and auto.cloze_epochs == recipe.CLOZE_EPOCHS[recipe.amp(auto)]
 
 
 def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
