@@ -400,10 +400,17 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     assert missing.returncode != 0 and "dev-split-train-v1.1.json" in missing.stderr
 
 
-def test_recipe_span_selection_epochs_follow_the_precision():
+def test_recipe_span_selection_epochs_follow_the_precision(tmp_path):
     """--cloze-epochs auto: 8 under bf16, 5 in fp32 (whose hour has no room for more on an
     AVX2-only CPU); a number given is kept, and the stage's command carries it."""
-    base = ["--wikitext", "w", "--squad", "s"]
+    for name in ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json"):
+        (tmp_path / name).write_text("{}")
+    base = ["--wikitext", "w", "--squad", str(tmp_path)]
+    for amp, n in (("bf16", "8"), ("none", "5")):
+        stages = dict((name, argv) for name, argv, _ in
+                      recipe.commands(recipe.parse(base + ["--amp", amp]), tmp_path / "out"))
+        cloze = [str(x) for x in stages["cloze"]]
+        assert cloze[cloze.index("--epochs") + 1] == n
     assert recipe.parse(base + ["--amp", "bf16"]).cloze_epochs == 8
     assert recipe.parse(base + ["--amp", "none"]).cloze_epochs == 5
     assert recipe.parse(base + ["--amp", "bf16", "--cloze-epochs", "2"]).cloze_epochs == 2
