@@ -206,6 +206,7 @@ def build(ckpt):
     else:
         model = QuestionAnswerTask(encoder, match_feature="match_embed.weight" in state,
                                    head=ckpt.get("qa_head", "original"),
-                                   shape_feature="shape_embed.weight" in state)
+                                   shape_feature="shape_embed.weight" in state,
+                                   match_neighbours="neighbour_embed.weight" in state)
     model.load_state_dict(state)
     return model

@@ -507,21 +507,30 @@ class QuestionAnswerTask(nn.Module):
     input embeddings, of match (N, S) 1 where a context word also occurs in the
     question. shape_feature adds a learned embedding of each token's shape in the raw
     text (SHAPE_NAMES), which lower-casing hides: match then holds match + 2 * shape.
+    match_neighbours (with match_feature) adds a learned embedding of whether the tokens
+    just before and just after each token match: where an answer's words are the ones
+    the question lacks, its first and last tokens are marked, which a small encoder
+    otherwise has to learn to find by attending to its neighbours.
     Without them (the original) forward's match argument is ignored.
     """
     HEADS = ("original", "bert")
     SHAPE_NAMES = ("none", "lower", "Capitalised", "UPPER", "number", "other")
 
-    def __init__(self, bert_model, match_feature=False, head="original", shape_feature=False):
+    def __init__(self, bert_model, match_feature=False, head="original", shape_feature=False,
+                 match_neighbours=False):
         super().__init__()
         if head not in self.HEADS:
             raise ValueError(f"head must be one of {self.HEADS}, not {head!r}")
+        if match_neighbours and not match_feature:
+            raise ValueError("match_neighbours marks the neighbours of matched tokens: it needs "
+                             "match_feature")
         self.bert_model, self.head = bert_model, head
         self.activation = F.gelu if head == "original" else nn.Identity()
         self.qa_span = nn.Linear(bert_model.ninp, 2)
         self.qa_span.apply(init_weights)
         self.match_embed = self._feature(2) if match_feature else None
         self.shape_embed = self._feature(len(self.SHAPE_NAMES)) if shape_feature else None
+        self.neighbour_embed = self._feature(4) if match_neighbours else None
 
     def _feature(self, n):
         """An input-feature embedding of n values, as large as the word embeddings it is
@@ -536,7 +545,11 @@ class QuestionAnswerTask(nn.Module):
         extra = None
         match = match if match is not None else torch.zeros_like(src)
         if self.match_embed is not None:
-            extra = self.match_embed(match % 2 if self.shape_embed is not None else match)
+            bit = match % 2 if self.shape_embed is not None else match
+            extra = self.match_embed(bit)
+            if self.neighbour_embed is not None:  # 1: the token before matches, 2: the one after
+                extra = extra + self.neighbour_embed(F.pad(bit[:, :-1], (1, 0))
+                                                     + 2 * F.pad(bit[:, 1:], (0, 1)))
         if self.shape_embed is not None:
             shape = self.shape_embed(match // 2)
             extra = shape if extra is None else extra + shape

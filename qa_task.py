@@ -84,6 +84,10 @@ def build_parser():
              "shape in the raw text (lower case, Capitalised, UPPER CASE, number, other), "
              "which the lower-casing tokenizer hides; with --checkpoint of a model without "
              "it, that embedding starts at random")
+    add("--match-neighbours", action="store_true",
+        help="with --match-feature: also mark each token with a learned input embedding of "
+             "whether the tokens just before and after it match the question, which shows "
+             "where an answer that the question's words surround begins and ends")
     add("--qa-head", type=str, default="original", choices=QuestionAnswerTask.HEADS,
         help="the span head: 'original', GELU then a linear layer (the original example's); "
              "'bert', the linear layer alone (BERT's, which transformers' "
@@ -154,6 +158,9 @@ def check_args(args):
                                   "or --predict-file")
         if args.context is not None and args.context_file:
             raise utils.UserError("give --context or --context-file, not both")
+    if args.match_neighbours and not args.match_feature and not args.predict:
+        raise utils.UserError("--match-neighbours marks the neighbours of the tokens that "
+                              "--match-feature marks: add --match-feature")
     utils.check_positive(args, "epochs", "batch_size", "bptt", "log_interval", "lr",
                          "max_answer_len", "decode_temperature")
     if args.decode_temperature != 1.0 and args.decode != "expected-f1":
@@ -266,7 +273,8 @@ def main(args):
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     recorder = train.recorder(args, ctx)
     raw = QuestionAnswerTask(encoder(args, vocab, ctx), match_feature=args.match_feature,
-                             head=args.qa_head, shape_feature=args.shape_feature)
+                             head=args.qa_head, shape_feature=args.shape_feature,
+                             match_neighbours=args.match_neighbours)
     model = train.prepare_model(raw, args, ctx)
 
     if args.cloze_dir is not None:

@@ -88,6 +88,25 @@ def test_heads_keep_pretrained_encoder_weights():
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
 
 
+def test_match_neighbours_mark_the_tokens_beside_a_match(monkeypatch):
+    """--match-neighbours: each token's input gains neighbour_embed[m(t-1) + 2 m(t+1)],
+    m the exact-match bit (match % 2 with shapes), 0 beyond the ends."""
+    enc = tiny().bert_model
+    qa = QuestionAnswerTask(enc, match_feature=True, shape_feature=True, match_neighbours=True)
+    seen = {}
+    monkeypatch.setattr(enc, "forward", lambda src, types, pad, extra: seen.setdefault("x", extra)
+                        .new_zeros(*src.shape, enc.ninp))
+    src = torch.randint(5, V, (2, 7))
+    bit = torch.tensor([[1, 0, 0, 1, 1, 0, 1], [0, 0, 1, 0, 0, 0, 0]])
+    shape = torch.randint(0, len(QuestionAnswerTask.SHAPE_NAMES), (2, 7))
+    qa(src, torch.zeros_like(src), None, bit + 2 * shape)
+    code = torch.tensor([[0, 1, 2, 2, 1, 3, 0], [0, 2, 0, 1, 0, 0, 0]])  # before + 2 * after
+    expected = qa.match_embed(bit) + qa.shape_embed(shape) + qa.neighbour_embed(code)
+    assert torch.allclose(seen["x"], expected)
+    with pytest.raises(ValueError, match="needs match_feature"):
+        QuestionAnswerTask(enc, match_neighbours=True)
+
+
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="divisible"):
         BertModel(10, 30, 4, 8, 1)

@@ -286,6 +286,27 @@ def test_match_feature_checkpoint_needs_the_flag(trained_qa):
     assert "Traceback" not in proc.stderr and not (trained_qa / "other.pt").exists()
 
 
+def test_match_neighbours_train_predict_and_must_be_given_again(trained_qa):
+    common = ["--bert-model", "mlm_bert.pt", "--train-file", "train.json", "--dev-file",
+              "dev.json", "--bptt", "48", "--batch_size", "8", "--epochs", "1", "--match-feature"]
+    run_script("qa_task.py", *common, "--match-neighbours", "--save", "nb.pt", "--predictions",
+               "nb.json", "--loss-log", "nb.txt", cwd=trained_qa)
+    assert "neighbour_embed.weight" in checkpoint.load(trained_qa / "nb.pt", "qa_task")["model"]
+    run_script("qa_task.py", "--predict", "--predict-file", "dev.json", "--bptt", "48", "--save",
+               "nb.pt", "--predictions", "nb_asked.json", cwd=trained_qa)
+    assert (json.loads((trained_qa / "nb_asked.json").read_text())
+            == json.loads((trained_qa / "nb.json").read_text()))
+    for flags, message in ((["--checkpoint", "nb.pt"], "neighbour_embed"),
+                           (["--match-neighbours", "--checkpoint", "qa_model.pt"], "neighbour_embed")):
+        bad = run_script("qa_task.py", *common, *flags, "--save", "other.pt", cwd=trained_qa,
+                         check=False)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_script("qa_task.py", *[c for c in common if c != "--match-feature"],
+                     "--match-neighbours", "--save", "other.pt", cwd=trained_qa, check=False)
+    assert bad.returncode == 2 and "add --match-feature" in bad.stderr
+    assert not (trained_qa / "other.pt").exists()
+
+
 def test_random_init_starts_from_fresh_weights(trained_qa):
     import torch
     import dist
