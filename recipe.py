@@ -62,6 +62,9 @@ DEFAULTS = dict(emsize=128, nhid=512, nlayers=2, nhead=2, dropout=0.0, batch_siz
 # Span selection's epochs by precision (--cloze-epochs auto): bf16 leaves time in the hour
 # for three more, which raised held-out F1 by 2.5; fp32 on an AVX2-only CPU does not.
 CLOZE_EPOCHS = {"bf16": 8, "none": 5}
+# --match-neighbours by precision (--match-neighbours auto): in fp32 it let span selection
+# learn where answers end (held-out F1 measured in docs/recipe.md); not yet measured under bf16.
+MATCH_NEIGHBOURS = {"bf16": False, "none": True}
 TEMPERATURE = 0.67  # --decode expected-f1's default, chosen on held-out articles (docs/recipe.md)
 SEED = 21192391  # qa_task.py's; seed k of the SQuAD steps is SEED + k - 1
 
@@ -97,6 +100,12 @@ def parse(argv=None):
                    help="span selection, SQuAD and the baselines without qa_task.py "
                         "--shape-feature (each token's shape in the raw text: lower case, "
                         "Capitalised, UPPER CASE, number), as the recipe was before it")
+    p.add_argument("--match-neighbours", default="auto", choices=["auto", "on", "off"],
+                   help="span selection, SQuAD and the baselines with qa_task.py "
+                        "--match-neighbours (whether the tokens beside each token match the "
+                        "question); auto: " + ", ".join(
+                            f"{'on' if v else 'off'} {'in fp32' if k == 'none' else 'under ' + k}"
+                            for k, v in MATCH_NEIGHBOURS.items()))
     p.add_argument("--no-freeze-embeddings", dest="freeze_embeddings", action="store_false",
                    help="let QA fine-tuning train the word embeddings (without qa_task.py "
                         "--freeze-embeddings)")
@@ -152,6 +161,11 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.cloze_epochs == "auto":
         a.cloze_epochs = CLOZE_EPOCHS[amp(a)]
+    if a.match_neighbours == "on" and not a.match_feature:
+        p.error("--match-neighbours on marks the neighbours of --match-feature's matches: "
+                "leave out --no-match-feature")
+    a.match_neighbours = a.match_feature and (MATCH_NEIGHBOURS[amp(a)] if a.match_neighbours == "auto"
+                                              else a.match_neighbours == "on")
     if a.decode == "expected-f1" and a.decode_temperature is None:
         a.decode_temperature = TEMPERATURE
     return a
@@ -210,6 +224,7 @@ def commands(a, out):
                 "--loss-log", out / f"{tag}_loss.txt", "--state-file", out / f"{tag}_state.pt",
                 "--resume", *(["--match-feature"] if a.match_feature else []),
                 *(["--shape-feature"] if a.shape_feature else []),
+                *(["--match-neighbours"] if a.match_neighbours else []),
                 *(["--freeze-embeddings"] if freeze else []), *extra]
     stages = [("mlm", mlm, out / "mlm_loss.jsonl"), ("ns", ns, out / "ns_loss.jsonl")]
     start = []
@@ -366,7 +381,9 @@ def table(results, label, a):
                 "pretraining (stages 1-" + str(first - 1) + ") ran once"
                 + ("" if a.pretrain_seed is None else f", with seed {a.pretrain_seed}") + ". "
                 + ("" if a.shape_feature else "Without the tokens' shapes "
-                   "(--no-shape-feature). ") + "SQuAD answers: "
+                   "(--no-shape-feature). ")
+                + ("The QA steps mark the tokens beside each match (--match-neighbours). "
+                   if a.match_neighbours else "") + "SQuAD answers: "
                 + answers_text(a, results))
     return "\n".join(rows)
 

@@ -440,6 +440,26 @@ def test_recipe_span_selection_epochs_follow_the_precision(tmp_path):
     assert auto.amp == "auto" and auto.cloze_epochs == recipe.CLOZE_EPOCHS[recipe.amp(auto)]
 
 
+def test_recipe_match_neighbours_follow_the_precision(tmp_path, capsys):
+    """--match-neighbours auto: on in fp32, off under bf16, in every QA stage (span
+    selection, SQuAD, baselines) alike; on/off override it; it needs the match feature."""
+    for name in ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json"):
+        (tmp_path / name).write_text("{}")
+    base = ["--wikitext", "w", "--squad", str(tmp_path)]
+    for flags, on in ((["--amp", "none"], True), (["--amp", "bf16"], False),
+                      (["--amp", "bf16", "--match-neighbours", "on"], True),
+                      (["--amp", "none", "--match-neighbours", "off"], False),
+                      (["--amp", "none", "--no-match-feature"], False)):
+        stages = {name: [str(x) for x in argv] for name, argv, _ in
+                  recipe.commands(recipe.parse(base + flags), tmp_path / "out")}
+        qa = [name for name in stages if name not in ("mlm", "ns")]
+        assert {"cloze", "qa_s1", "qa_random_s1"} <= set(qa)
+        assert all(("--match-neighbours" in stages[name]) == on for name in qa), flags
+    with pytest.raises(SystemExit) as e:
+        recipe.parse(base + ["--no-match-feature", "--match-neighbours", "on"])
+    assert e.value.code == 2 and "leave out --no-match-feature" in capsys.readouterr().err
+
+
 def test_recipe_with_a_wordpiece_vocabulary(tmp_path):
     pytest.importorskip("tokenizers")
     out = tmp_path / "out"
