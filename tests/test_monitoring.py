@@ -377,6 +377,10 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     precision = "bf16 autocast" if amp == "bf16" else "fp32"
     assert f"Precision: {precision} (--amp auto)." in table
     assert f"--amp {amp} " in results["mlm"]["command"]
+    neighbours = amp == "none"  # --match-neighbours auto: on in fp32
+    assert all(("--match-neighbours" in results[name]["command"]) == neighbours
+               for name in ["cloze", *squad_runs])
+    assert ("(--match-neighbours)" in table) == neighbours
     assert table.count("--freeze-embeddings") == 5  # the QA stages 3-5 (two seeds); 6 trains them
     assert table.count("--cloze-dir") == 1 and table.count("--checkpoint") == 2
     assert table.count("--shape-feature") == 7  # every QA stage, by default
