@@ -425,16 +425,23 @@ def test_recipe_runs_the_pipeline_and_writes_the_table(tmp_path):
     assert missing.returncode != 0 and "dev-split-train-v1.1.json" in missing.stderr
 
 
-def test_recipe_span_selection_epochs_follow_the_precision(tmp_path):
-    """--cloze-epochs auto: 8 under bf16, 5 in fp32 (whose hour has no room for more on an
-    AVX2-only CPU); a number given is kept, and the stage's command carries it."""
+def _recipe_stages(tmp_path, *flags):
+    """{stage: its command's words} that recipe.py would run with flags, on dev-split
+    SQuAD files in tmp_path (only their names are read); and the base flags."""
     for name in ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json"):
         (tmp_path / name).write_text("{}")
     base = ["--wikitext", "w", "--squad", str(tmp_path)]
+    return ({name: [str(x) for x in argv]
+             for name, argv, _ in recipe.commands(recipe.parse(base + list(flags)), tmp_path / "out")},
+            base)
+
+
+def test_recipe_span_selection_epochs_follow_the_precision(tmp_path):
+    """--cloze-epochs auto: 8 under bf16, 5 in fp32 (whose hour has no room for more on an
+    AVX2-only CPU); a number given is kept, and the stage's command carries it."""
     for amp, n in (("bf16", "8"), ("none", "5")):
-        stages = dict((name, argv) for name, argv, _ in
-                      recipe.commands(recipe.parse(base + ["--amp", amp]), tmp_path / "out"))
-        cloze = [str(x) for x in stages["cloze"]]
+        stages, base = _recipe_stages(tmp_path, "--amp", amp)
+        cloze = stages["cloze"]
         assert cloze[cloze.index("--epochs") + 1] == n
     assert recipe.parse(base + ["--amp", "bf16"]).cloze_epochs == 8
     assert recipe.parse(base + ["--amp", "none"]).cloze_epochs == 5
@@ -447,15 +454,11 @@ def test_recipe_span_selection_epochs_follow_the_precision(tmp_path):
 def test_recipe_match_neighbours_follow_the_precision(tmp_path, capsys):
     """--match-neighbours auto: on in fp32, off under bf16, in every QA stage (span
     selection, SQuAD, baselines) alike; on/off override it; it needs the match feature."""
-    for name in ("dev-split-train-v1.1.json", "dev-split-eval-v1.1.json"):
-        (tmp_path / name).write_text("{}")
-    base = ["--wikitext", "w", "--squad", str(tmp_path)]
     for flags, on in ((["--amp", "none"], True), (["--amp", "bf16"], False),
                       (["--amp", "bf16", "--match-neighbours", "on"], True),
                       (["--amp", "none", "--match-neighbours", "off"], False),
                       (["--amp", "none", "--no-match-feature"], False)):
-        stages = {name: [str(x) for x in argv] for name, argv, _ in
-                  recipe.commands(recipe.parse(base + flags), tmp_path / "out")}
+        stages, base = _recipe_stages(tmp_path, *flags)
         qa = [name for name in stages if name not in ("mlm", "ns")]
         assert {"cloze", "qa_s1", "qa_random_s1"} <= set(qa)
         assert all(("--match-neighbours" in stages[name]) == on for name in qa), flags
