@@ -163,14 +163,24 @@ def check_fit(ckpt, path, config, vocab_fingerprint):
                         "pass the flags it was trained with")
 
 
+# the flags that add a task layer, by the layer's name
+LAYER_FLAGS = {"match_embed": "--match-feature", "shape_embed": "--shape-feature",
+               "neighbour_embed": "--match-neighbours"}
+
+
 def check_heads(state, model, path):
     """Refuse weights whose task layers differ from the model's (a flag such as
     --match-feature or --tie-weights given to one run and not to the other)."""
     theirs, mine = set(state), set(model.state_dict())
     if theirs != mine:
         odd = sorted((theirs - mine) | (mine - theirs))
-        raise UserError(f"{path} does not fit this model: its layers differ in {', '.join(odd[:4])}; "
-                        "pass the flags it was trained with (e.g. --match-feature)")
+        flags = sorted({flag for k in odd for layer, flag in LAYER_FLAGS.items()
+                        if k.startswith(layer + ".")})
+        hint = (f"the layers of {', '.join(flags)}: give or leave out "
+                f"{'those flags' if len(flags) > 1 else 'that flag'} as in the run that made it"
+                if flags else "pass the flags it was trained with (e.g. --match-feature)")
+        raise UserError(f"{path} does not fit this model: its layers differ in {', '.join(odd[:4])} "
+                        f"({hint})")
     if isinstance(model, MLMTask) and model.tied != MLMTask.state_is_tied(state):
         # loading untied weights into a tied model would overwrite the embeddings
         raise UserError(f"{path} was trained {'without' if model.tied else 'with'} --tie-weights; "

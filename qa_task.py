@@ -86,8 +86,8 @@ def build_parser():
              "it, that embedding starts at random")
     add("--match-neighbours", action="store_true",
         help="with --match-feature: also mark each token with a learned input embedding of "
-             "whether the tokens just before and after it match the question, which shows "
-             "where an answer that the question's words surround begins and ends")
+             "whether the tokens just before and after it in its window match the question, "
+             "which shows where an answer that the question's words surround begins and ends")
     add("--qa-head", type=str, default="original", choices=QuestionAnswerTask.HEADS,
         help="the span head: 'original', GELU then a linear layer (the original example's); "
              "'bert', the linear layer alone (BERT's, which transformers' "

@@ -103,6 +103,10 @@ def test_match_neighbours_mark_the_tokens_beside_a_match(monkeypatch):
     code = torch.tensor([[0, 1, 2, 2, 1, 3, 0], [0, 2, 0, 1, 0, 0, 0]])  # before + 2 * after
     expected = qa.match_embed(bit) + qa.shape_embed(shape) + qa.neighbour_embed(code)
     assert torch.allclose(seen["x"], expected)
+    qa = QuestionAnswerTask(enc, match_feature=True, match_neighbours=True)  # no shapes: match is the bit
+    seen.clear()
+    qa(src, torch.zeros_like(src), None, bit)
+    assert torch.allclose(seen["x"], qa.match_embed(bit) + qa.neighbour_embed(code))
     with pytest.raises(ValueError, match="needs match_feature"):
         QuestionAnswerTask(enc, match_neighbours=True)
 

@@ -301,6 +301,7 @@ def test_match_neighbours_train_predict_and_must_be_given_again(trained_qa):
         bad = run_script("qa_task.py", *common, *flags, "--save", "other.pt", cwd=trained_qa,
                          check=False)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert "the layers of --match-neighbours" in bad.stderr  # names the flag to change
     bad = run_script("qa_task.py", *[c for c in common if c != "--match-feature"],
                      "--match-neighbours", "--save", "other.pt", cwd=trained_qa, check=False)
     assert bad.returncode == 2 and "add --match-feature" in bad.stderr
