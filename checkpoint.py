@@ -176,8 +176,7 @@ def check_heads(state, model, path):
         odd = sorted((theirs - mine) | (mine - theirs))
         flags = sorted({flag for k in odd for layer, flag in LAYER_FLAGS.items()
                         if k.startswith(layer + ".")})
-        hint = (f"the layers of {', '.join(flags)}: give or leave out "
-                f"{'those flags' if len(flags) > 1 else 'that flag'} as in the run that made it"
+        hint = (f"the layers of {', '.join(flags)}: give or leave out as in the run that made it"
                 if flags else "pass the flags it was trained with (e.g. --match-feature)")
         raise UserError(f"{path} does not fit this model: its layers differ in {', '.join(odd[:4])} "
                         f"({hint})")
