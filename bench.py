@@ -19,12 +19,18 @@ in turns (one step of each per round), so that a machine whose speed drifts duri
 run (a shared one) weighs on all of them alike.
 """
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import corpus
 import data
+import samples
+import store
 import train
 from model import MAX_POSITIONS, BertModel, MLMTask, QuestionAnswerTask, flops_per_token
 from utils import autocast
@@ -180,6 +186,21 @@ def hf_models(a):
             transformers.BertForQuestionAnswering(cfg))
 
 
+def random_store(folder, vocab, lines, length):
+    """A token store of `lines` lines of `length` random ids below vocab (store.Tokens)."""
+    ids = torch.randint(len(data.SPECIALS), vocab, (lines, length)).tolist()
+    (folder / "ids.txt").write_text("".join(" ".join(map(str, line)) + "\n" for line in ids))
+
+    def encode(text_lines):
+        flat = [int(t) for line in text_lines for t in line.split()]
+        return np.array(flat, np.int64), np.full(len(text_lines), length)
+    itos = [str(i) for i in range(vocab)]
+    source = store.Source("random", [folder / "ids.txt"], corpus.read_lines, encode, "ids",
+                          data.Vocab(itos, roles=data.BASIC_ROLES, tag="ids"))
+    built = store.build(source, folder / "store", workers=1, show=False)
+    return built.lines(0, built.num_lines)
+
+
 def main():
     a = parse()
     device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
@@ -297,13 +318,23 @@ def main():
               + ", ".join(f"{label[amp]} {own[(mlm_name + ', default loss', amp)] / own[(mlm_name, amp)]:.2f}x"
                           for amp in precisions))
 
-    # The data pipeline alone: what a training loop does per batch besides the model.
-    stream = torch.randint(len(data.SPECIALS), a.vocab, (a.batch * a.seq * 200,))
-    blocks = data.mlm_blocks(stream, a.batch, a.seq - 1).to(device)
-    it = iter(range(10 ** 9))
-    draw = data.mask_per_sequence if a.mask_draw == "per-sequence" else data.mask_tokens
-    t_mlm = timed(lambda: draw(data.add_cls(blocks[next(it) % len(blocks)]), 0.15, a.vocab,
-                               a.mask_mode), 50, device)
+    # The data pipeline alone: what a training loop does per batch besides the model (for
+    # masked LM: shuffled blocks read from a token store, masked).
+    with tempfile.TemporaryDirectory() as tmp:
+        blocks = samples.Blocks(random_store(Path(tmp), a.vocab, 200 * a.batch, a.seq - 1),
+                                a.seq - 1, device)
+        order = samples.Shuffle(len(blocks), 0, 1, samples.ORDER)
+        batches = [iter(())]
+
+        def next_batch():
+            batch = next(batches[0], None)
+            if batch is None:  # the next epoch
+                batches[0] = iter(data.Batches(blocks, batch_size=a.batch, order=order))
+                batch = next(batches[0])
+            return batch
+        draw = data.mask_per_sequence if a.mask_draw == "per-sequence" else data.mask_tokens
+        t_mlm = timed(lambda: draw(data.add_cls(next_batch()), 0.15, a.vocab, a.mask_mode), 50,
+                      device)
     feats = [torch.randint(0, a.vocab, (a.batch * 200, a.seq), device=device) for _ in range(2)]
     feats += [torch.randint(0, a.seq, (a.batch * 200,), device=device) for _ in range(2)]
     batches = data.Batches(*feats, batch_size=a.batch, shuffle=True)

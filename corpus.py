@@ -1,14 +1,16 @@
 """The text corpora of the masked-LM and next-sentence tasks: a registry of data sets
-(files, downloads with checksums, split rules), reading their lines, and their token
-ids, cached so that a second run skips tokenization.
+(files, downloads with checksums, split rules), reading their lines, counting their
+vocabulary, and their token ids in token stores (store.py), built once.
 
     sources = corpus_sources("WikiText2", dataset_dir("WikiText2", "DIR"))
-    splits = load_corpus("WikiText2", sources, vocab, tokenizer, ".data/cache")  # {split: (ids, offsets)}
+    splits = load_corpus("WikiText2", sources, vocab, tokenizer, ".data/cache", ctx)  # {split: Tokens}
 
 Adding a corpus is adding an entry to CORPORA (and the function that finds its splits).
 """
+import collections
 import gzip
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -21,9 +23,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
-import monitor
+import dist
+import store
 from data import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -237,24 +239,56 @@ class Corpus:
     unk: Optional[str] = None  # the corpus's mark of a word left out of its vocabulary
 
 
-def subword_tokenizer(dataset, tokenizer):
-    """line -> tokens of dataset's text. A word tokenizer (basic_english) reads the lines
-    as they are. A subword one (with an unk_text: WordPiece) reads Corpus.plain's form,
-    with each of the corpus's unknown-word marks as its own unknown token, instead of
-    pieces such as < un ##k >."""
+def line_tokenizer(dataset, tokenizer):
+    """lines -> their token lists, as a store of dataset holds them. A word tokenizer
+    (basic_english) reads the lines as they are. A subword one (with an unk_text:
+    WordPiece) reads Corpus.plain's form, with each of the corpus's unknown-word marks as
+    its own unknown token, instead of pieces such as < un ##k >."""
     c, unk = CORPORA[dataset], getattr(tokenizer, "unk_text", None)
     if unk is None or (c.plain is None and c.unk is None):
-        return tokenizer
+        return tokenizer.tokenize_lines
 
-    def tokenize(line):
-        line = c.plain(line) if c.plain else line
-        if c.unk is None:
-            return tokenizer(line)
-        tokens = []
-        for k, part in enumerate(line.split(c.unk)):
-            tokens += ([unk] if k else []) + tokenizer(part)
-        return tokens
+    def tokenize(lines):
+        parts, pieces = [], []  # the text between unknown-word marks; how many per line
+        for line in lines:
+            line = c.plain(line) if c.plain else line
+            split = line.split(c.unk) if c.unk else [line]
+            parts += split
+            pieces.append(len(split))
+        tokens, out = iter(tokenizer.tokenize_lines(parts)), []
+        for n in pieces:
+            line_tokens = next(tokens)
+            for _ in range(n - 1):
+                line_tokens = line_tokens + [unk] + next(tokens)
+            out.append(line_tokens)
+        return out
     return tokenize
+
+
+_LINE_END = "\x00"  # a mark between lines' tokens that no token holds
+
+
+def line_encoder(dataset, tokenizer, vocab):
+    """lines -> (their token ids one line after another, each line's number of ids), as
+    line_tokenizer and vocab make them: what a token store holds. basic_english's builtin
+    rules run over many lines at once (Tokenizer.normalize_lines), and one split() then
+    makes their tokens with a mark where each line ends."""
+    tokenize = line_tokenizer(dataset, tokenizer)
+    normalize = getattr(tokenizer, "normalize_lines", None)
+    marked = {**vocab.stoi, _LINE_END: -1}  # made once, before the workers are forked
+    unk = vocab.roles.unk
+
+    def encode(lines):
+        text = normalize(lines) if normalize is not None else None
+        if text is not None and _LINE_END not in text:
+            tokens = (text + "\n").replace("\n", f" {_LINE_END} ").split()
+            ids = np.fromiter(map(marked.get, tokens, itertools.repeat(unk)), np.int64, len(tokens))
+            ends = np.flatnonzero(ids < 0)
+            return ids[ids >= 0], np.diff(ends, prepend=-1) - 1
+        per_line = tokenize(lines)
+        return (np.array(vocab.lookup_indices(list(itertools.chain.from_iterable(per_line))), np.int64),
+                np.array([len(t) for t in per_line], np.int64))
+    return encode
 
 
 def vocabulary_lines(dataset, lines):
@@ -309,69 +343,46 @@ def _line_range(n, frac):
     return int(n * frac[0]), int(n * frac[1])
 
 
-def count_tokens_for_vocab(dataset, sources, tokenizer):
-    """Token lists of the train split, for Vocab.build (a generator: nothing is kept)."""
+def count_vocab(dataset, sources, tokenizer, show=True, workers=None):
+    """The tokens' counts over the train split (for Vocab.from_counts), counted in pieces
+    by every core."""
     files, frac = sources["train"]
     read = CORPORA[dataset].read
     lines = read_lines(files, read)
     if frac != WHOLE:
-        n = sum(1 for _ in read_lines(files, read))
-        lo, hi = _line_range(n, frac)
-        lines = (line for i, line in enumerate(lines) if lo <= i < hi)
-    return (tokenizer(line) for line in lines)
+        lo, hi = _line_range(sum(1 for _ in read_lines(files, read)), frac)
+        lines = itertools.islice(lines, lo, hi)
+    def count(piece):
+        text = tokenizer.normalize_lines(piece)
+        if text is not None:
+            return collections.Counter(text.split())
+        return collections.Counter(itertools.chain.from_iterable(tokenizer.tokenize_lines(piece)))
+
+    counts = collections.Counter()
+    pieces = store.map_text(count, lines, workers or store.cores(), f"counting {dataset}'s vocabulary",
+        int(sum(os.stat(p).st_size for p in files) * (frac[1] - frac[0])), show)
+    for piece in pieces:
+        counts.update(piece)
+    return counts
 
 
-def load_split(dataset, sources, split, vocab, tokenizer, cache_dir=None, show=True):
-    """Token ids of one split: (ids int64 tensor (T,), line offsets int64 array (L+1,)).
-
-    The ids of the whole source are cached in cache_dir, keyed on the files' size and
-    time and on the vocabulary, so a second run skips tokenization. show: print progress.
-    """
-    files, frac = sources[split]
-    tokenize = subword_tokenizer(dataset, tokenizer)
-    key = hashlib.sha256("|".join(
-        [dataset, tokenizer.name, vocab.fingerprint, "v1"]
-        + (["plain"] if tokenize is not tokenizer else [])
-        + [f"{Path(p).resolve()}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in files]
-    ).encode()).hexdigest()[:24]
-    cache = Path(cache_dir) / f"{dataset}-{key}.npz" if cache_dir else None
-    ids = offsets = None
-    if cache is not None and cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                ids, offsets = z["ids"], z["offsets"]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            ids = None  # a damaged cache is rebuilt, never trusted
-    if ids is None:
-        chunks, lengths = [], []
-        lines = monitor.progress(read_lines(files, CORPORA[dataset].read),
-                                 f"tokenizing {dataset} {split}", unit="lines", enabled=show)
-        for line in lines:
-            toks = vocab.lookup_indices(tokenize(line))
-            chunks.append(np.asarray(toks, dtype=np.int32))
-            lengths.append(len(toks))
-        ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        if cache is not None:
-            _save_cache(cache, ids, offsets)
-    lo, hi = _line_range(len(offsets) - 1, frac)
-    offsets = offsets[lo:hi + 1]
-    ids = torch.from_numpy(ids[offsets[0]:offsets[-1]].astype(np.int64))
-    return ids, offsets - offsets[0]
-
-
-def load_corpus(dataset, sources, vocab, tokenizer, cache_dir=None, show=True):
-    """{split: (ids, line offsets)} for train, valid and test (see load_split)."""
-    return {s: load_split(dataset, sources, s, vocab, tokenizer, cache_dir or None, show)
-            for s in SPLITS}
-
-
-def _save_cache(path, ids, offsets):
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=ids, offsets=offsets)
-        os.replace(tmp, path)
-    except OSError as e:  # caching is an optimisation; results do not depend on it
-        print(f"| warning: could not write token cache {path}: {e}")
+def load_corpus(dataset, sources, vocab, tokenizer, cache_dir, ctx, show=True):
+    """{split: store.Tokens} for train, valid and test: each split's lines of the token
+    store of its files, built where missing (once per job: store.open_or_build).
+    cache_dir '' or None: stores in a temporary folder of this process, removed at exit."""
+    stores, out = {}, {}
+    for split in SPLITS:
+        files, frac = sources[split]
+        key = tuple(str(p) for p in files)
+        if key not in stores:
+            source = store.Source(dataset, list(files), lambda fs: read_lines(fs, CORPORA[dataset].read),
+                                  line_encoder(dataset, tokenizer, vocab), tokenizer.name, vocab)
+            if cache_dir:  # whichever process builds a store says so
+                stores[key] = store.open_or_build(source, cache_dir, ctx, show)
+            else:
+                tmp = tempfile.TemporaryDirectory(prefix="bert-tokens-")
+                stores[key] = store.open_or_build(source, tmp.name, dist.Context(), show and ctx.main)
+                stores[key].owner = tmp  # the folder goes when the store does
+        lo, hi = _line_range(stores[key].num_lines, frac)
+        out[split] = stores[key].lines(lo, hi)
+    return out

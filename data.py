@@ -1,5 +1,6 @@
 """Tokens and batches for the three tasks: the tokenizer, the vocabulary, masked-LM
-blocks and masking, next-sentence pairs, and `Batches` (corpus.py reads the files).
+masking and `Batches` (corpus.py reads the files, store.py keeps their token ids,
+samples.py makes the pretraining samples from them).
 
 The tokenizer and vocabulary are torchtext's when torchtext imports (its last
 release needs torch 2.3.x), and this file's own equivalents otherwise; the same
@@ -7,10 +8,8 @@ corpus gives the same token ids either way. Nothing here knows about the model.
 """
 import collections
 import hashlib
-import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from dist import shard_range
@@ -52,17 +51,19 @@ class DataError(Exception):
 
 # --------------------------------------------------------------------------- tokenizer
 
-# torchtext's basic_english rules, applied in order after lower-casing.
-_BASIC_ENGLISH = [(re.compile(p), r) for p, r in [
-    (r"\'", " '  "), (r"\"", ""), (r"\.", " . "), (r"<br \/>", " "), (r",", " , "),
-    (r"\(", " ( "), (r"\)", " ) "), (r"\!", " ! "), (r"\?", " ? "), (r"\;", " "),
-    (r"\:", " "), (r"\s+", " ")]]
+# torchtext's basic_english rules, applied in order after lower-casing; then runs of
+# whitespace become one space and the line is split there. torchtext writes them as
+# regular expressions; each matches one literal string, so str.replace does the same.
+_BASIC_ENGLISH = [("'", " '  "), ('"', ""), (".", " . "), ("<br />", " "), (",", " , "), ("(", " ( "),
+                  (")", " ) "), ("!", " ! "), ("?", " ? "), (";", " "), (":", " ")]
+# The same on UTF-8 bytes, where none of these ASCII characters is part of another one.
+_BASIC_ENGLISH_BYTES = [(a.encode(), b.encode()) for a, b in _BASIC_ENGLISH]
 
 
 def basic_english(line):
     line = line.lower()
-    for pattern, replacement in _BASIC_ENGLISH:
-        line = pattern.sub(replacement, line)
+    for literal, replacement in _BASIC_ENGLISH:
+        line = line.replace(literal, replacement)
     return line.split()
 
 
@@ -80,6 +81,26 @@ class Tokenizer:
 
     def __call__(self, text):
         return self._split(text)
+
+    def tokenize_lines(self, lines):
+        """[self(line) for line in lines]."""
+        text = self.normalize_lines(lines)
+        if text is None:
+            return [self._split(line) for line in lines]
+        return [part.split() for part in text.split("\n")]
+
+    def normalize_lines(self, lines):
+        """The lines' text after basic_english's rules, one line per newline, whose split()
+        gives the tokens: made at once for many lines (no rule matches across a newline)
+        and on bytes, which is several times faster than one line at a time. None where
+        that cannot be done (the torchtext backend, or a newline inside a line)."""
+        text = "\n".join(line[:-1] if line.endswith("\n") else line for line in lines)
+        if self._split is not basic_english or text.count("\n") != len(lines) - 1:
+            return None
+        text = text.lower().encode("utf-8", "surrogatepass")
+        for literal, replacement in _BASIC_ENGLISH_BYTES:
+            text = text.replace(literal, replacement)
+        return text.decode("utf-8", "surrogatepass")
 
     def tokenize_with_spans(self, text):
         tokens = self._split(text)
@@ -167,6 +188,12 @@ class Vocab:
         counter = collections.Counter()
         for tokens in token_lists:
             counter.update(tokens)
+        return cls.from_counts(counter, backend)
+
+    @classmethod
+    def from_counts(cls, counter, backend=BACKEND):
+        """The vocabulary build() makes, from the tokens' counts (counted in pieces, in
+        parallel: corpus.count_vocab)."""
         ordered = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
         return cls(SPECIALS + [t for t, _ in ordered if t not in SPECIALS], backend)
 
@@ -199,22 +226,7 @@ class Vocab:
             raise DataError(f"vocabulary file {path} is corrupt: {e}; delete it to rebuild it") from None
 
 
-# --------------------------------------------------------------------------- MLM batches
-
-def mlm_blocks(ids, batch_size, bptt, split="train"):
-    """Cut a token stream into (num_batches, batch_size, bptt) contiguous blocks.
-
-    ids: a b c d e f g h ...  ->  batch 0 = [[a b c] [d e f]] (bptt 3, batch 2); the tail
-    that does not fill a whole batch is dropped, as the original did.
-    """
-    per_batch = batch_size * bptt
-    num = len(ids) // per_batch
-    if num == 0:
-        raise DataError(f"the {split} split has {len(ids)} tokens, fewer than one batch of "
-                        f"--batch_size {batch_size} x --bptt {bptt} = {per_batch}; "
-                        "use a smaller batch or bptt, or more data")
-    return ids[:num * per_batch].view(num, batch_size, bptt)
-
+# --------------------------------------------------------------------------- MLM masking
 
 def add_cls(block, cls=CLS):
     """(N, S) -> (N, S+1) with <cls> (the id cls) in front of every row."""
@@ -297,28 +309,33 @@ def _corrupt(tokens, masked, mode, vocab_size, generator, roles):
 
 
 class Batches:
-    """Aligned items served in batches along dim 0, reshuffled per epoch with a seed.
+    """Aligned items served in batches along dim 0.
 
     Batches(x, y, batch_size=2): x (P, ...), y (P, ...) -> (x[i:i+2], y[i:i+2]), ...
-    Batches(w, batch_size=2) with one item that is not a tensor (e.g. squad.Windows, any
-    object with len, .device and indexing by a tensor of rows) -> w[i:i+2], ...
-    With world > 1 each global batch holds batch_size rows per rank and rank gets its
-    share (dist.shard_range), so a job of any size sees the same global batches (the
-    last, partial one dropped when drop_last).
+    Batches(w, batch_size=2) with one item that is not a tensor (squad.Windows, Blocks,
+    Pairs: anything with len, .device and indexing by a tensor of rows on that device)
+    -> w[i:i+2], ...
+    Order: as stored; shuffle=True, a torch.randperm per (seed, epoch), for items held in
+    memory; or order=samples.Shuffle(...), computed per position, for the samples of a
+    corpus of any size. With world > 1 each global batch holds batch_size rows per rank
+    and rank gets its share (dist.shard_range), so a job of any size sees the same global
+    batches (the last, partial one dropped when drop_last). start: the first batch to
+    serve (a resumed run starts there without reading the ones before). Each batch is
+    read while the step of the one before runs (one ahead).
     """
 
     def __init__(self, *items, batch_size, shuffle=False, seed=0, epoch=0, rank=0, world=1,
-                 drop_last=False):
+                 drop_last=False, order=None, start=0):
         self.items, self.batch_size, self.rank, self.world = items, batch_size, rank, world
         self.one = len(items) == 1 and not torch.is_tensor(items[0])
         self.device = items[0].device
         self.size = batch_size * world
         rows = len(items[0])
         self.stop = rows - rows % self.size if drop_last else rows
-        self.order = None
+        self.order, self.start, self.perm = order, start, None
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-            self.order = torch.randperm(rows, generator=g).to(self.device)
+            self.perm = torch.randperm(rows, generator=g).to(self.device)
 
     def __len__(self):
         return -(-self.stop // self.size)
@@ -335,59 +352,25 @@ class Batches:
                           for lo, hi in [shard_range(min(self.size, self.stop - start), rank,
                                                      self.world)]] or [torch.zeros(0, dtype=torch.long)])
 
+    def _batch(self, b):
+        start = b * self.size
+        lo, hi = shard_range(min(self.size, self.stop - start), self.rank, self.world)
+        if lo == hi:
+            return None
+        idx = torch.arange(start + lo, start + hi)
+        if self.order is not None:
+            idx = torch.from_numpy(self.order(idx.numpy()))
+        idx = idx.to(self.device)
+        if self.perm is not None:
+            idx = self.perm[idx]
+        return self.items[0][idx] if self.one else tuple(t[idx] for t in self.items)
+
     def __iter__(self):
-        for start in range(0, self.stop, self.size):
-            lo, hi = shard_range(min(self.size, self.stop - start), self.rank, self.world)
-            if lo == hi:
-                continue
-            idx = torch.arange(start + lo, start + hi).to(self.device)
-            if self.order is not None:
-                idx = self.order[idx]
-            yield self.items[0][idx] if self.one else tuple(t[idx] for t in self.items)
-
-
-# --------------------------------------------------------------------------- next sentence
-
-def pack_pair(a, b, bptt, out_ids, out_types, roles=BASIC_ROLES):
-    """Write <cls> a <sep> b <sep>, cut to bptt+1 tokens, into out_ids / out_types (rows
-    pre-filled with <pad> / 1); token type 0 for <cls>, A and the first <sep>."""
-    seq = np.concatenate([[roles.cls], a, [roles.sep], b, [roles.sep]])[:bptt + 1]
-    out_ids[:len(seq)] = seq
-    out_types[:min(len(a) + 2, bptt + 1)] = 0
-
-
-def ns_pairs(ids, offsets, min_sentence_len, frac_ns, bptt, generator, roles=BASIC_ROLES):
-    """Next-sentence examples from the lines of a corpus, as the original built them.
-
-    Every line with at least max(2, min_sentence_len) tokens is split at a random point
-    into (A, B); for frac_ns of the pairs, B is replaced by the A of another pair and
-    the label becomes 0 (not next); otherwise 1 (is next).
-    Returns inputs (P, bptt+1), token types (P, bptt+1), labels (P,).
-    """
-    ids = ids.numpy()
-    lengths = np.diff(offsets)
-    lines = np.flatnonzero(lengths >= max(2, min_sentence_len))
-    n = len(lines)
-    if n < 2:
-        raise DataError(f"only {n} lines have at least {min_sentence_len} tokens; next-sentence "
-                        "pairs need more (lower --min_sentence_len or use more data)")
-    starts, lens = offsets[lines], lengths[lines]
-    cut = (torch.rand(n, generator=generator).numpy() * (lens - 1)).astype(np.int64) + 1
-    partner = np.arange(n)
-    negatives = torch.randperm(n, generator=generator)[:int(n * frac_ns)].numpy()
-    # another pair's A for each negative: j = i + k (mod n) with k in [1, n-1], never i itself
-    shift = torch.randint(1, n, (len(negatives),), generator=generator).numpy()
-    partner[negatives] = (negatives + shift) % n
-    labels = np.ones(n, dtype=np.int64)
-    labels[negatives] = 0
-    inputs = np.full((n, bptt + 1), roles.pad, dtype=np.int64)
-    types = np.ones((n, bptt + 1), dtype=np.int64)
-    for i in range(n):
-        a = ids[starts[i]:starts[i] + cut[i]]
-        if labels[i]:
-            b = ids[starts[i] + cut[i]:starts[i] + lens[i]]
-        else:
-            j = partner[i]
-            b = ids[starts[j]:starts[j] + cut[j]]
-        pack_pair(a, b, bptt, inputs[i], types[i], roles)
-    return torch.from_numpy(inputs), torch.from_numpy(types), torch.from_numpy(labels)
+        batches = (self._batch(b) for b in range(self.start, len(self)))
+        ahead = next(batches, None)
+        for batch in batches:
+            if ahead is not None:
+                yield ahead
+            ahead = batch
+        if ahead is not None:
+            yield ahead

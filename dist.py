@@ -41,6 +41,7 @@ class Context:
     def __init__(self, rank=0, world=1, local=0, device=torch.device("cpu")):
         self.rank, self.world, self.local, self.device = rank, world, local, device
         self.control = None  # the process group of `any` (None: the default group)
+        self.patient = None  # the process group of `once`, which waits up to a day
 
     @property
     def main(self):
@@ -84,15 +85,46 @@ class Context:
         if self.world > 1:
             tdist.barrier()
 
+    def once(self, work, ready):
+        """Run work() on rank 0 while the other ranks wait; then, on a node where ready()
+        is false (it does not share rank 0's disk), its first process runs work() too.
+        The waiting is on a group whose timeout is a day, not --dist-timeout: preparing a
+        large corpus may take longer. An error in work() stops every rank."""
+        if self.world == 1:
+            work()
+            return
+        self._work_where(self.main, work)
+        missing = not ready()
+        if self._any_of(missing, self.patient):
+            self._work_where(missing and self.local == 0, work)
+
+    def _work_where(self, mine, work):
+        error = None
+        if mine:
+            try:
+                work()
+            except Exception as e:
+                error = e
+        if self._any_of(error is not None, self.patient):
+            if error is None:
+                raise UserError("another process of the job failed while preparing the data; "
+                                "see its message")
+            if not self.main:  # only rank 0 prints errors at the end: say it here
+                print(f"rank {self.rank}: {error}", file=sys.stderr, flush=True)
+            raise error
+
+    def _any_of(self, flag, group):
+        t = torch.tensor([float(flag)])
+        tdist.all_reduce(t, group=group)
+        return t.item() > 0
+
     def any(self, flag):
         """True on every rank when flag is true on any. Asked at every optimizer step (has
         a signal come?): under NCCL it travels on a CPU (gloo) group, so that asking does
         not make the host wait for the GPU."""
         if self.world == 1:
             return bool(flag)
-        t = torch.tensor([float(flag)])
-        tdist.all_reduce(t, group=self.control)
-        return t.item() > 0
+        return self._any_of(flag, self.control)
 
 
 def first_slurm_host(nodelist):
@@ -149,6 +181,7 @@ def setup(args, banner=""):
         ctx.rank, ctx.world, ctx.local = rank, world, local
         if use_cuda:
             ctx.control = tdist.new_group(backend="gloo")
+        ctx.patient = tdist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
         ctx.print0(f"| DDP: {world} process{'es' if world > 1 else ' (trains without the DDP wrapper)'}, "
                    f"backend {tdist.get_backend()}, rendezvous {addr}:{port}")
     ctx.print0(f"| {banner + ' | ' if banner else ''}device: {ctx.device}")

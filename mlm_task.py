@@ -17,7 +17,7 @@ import checkpoint
 import corpus
 import data
 import dist
-import monitor
+import samples
 import train
 import utils
 import wordpiece
@@ -65,6 +65,10 @@ def build_parser():
              "their softmax taken a few rows at a time in the cache (a faster step at a large "
              "vocabulary); 'default', torch's linear and cross_entropy (the same loss rounded "
              "differently). On a GPU, and with --compile: torch's")
+    add("--order", type=str, default="shuffled", choices=["shuffled", "sequential"],
+        help="the order of the training blocks: 'shuffled', anew each epoch (a function of "
+             "--seed, the epoch and the position, the same for any number of processes); "
+             "'sequential', the corpus's order every epoch (the original)")
     utils.add_corpus_flags(p, "WikiText2", corpus.DATASETS, "MLM")
     add("--vocab-size", type=int, default=30522,
         help="size of the WordPiece vocabulary trained when --vocab-file does not exist")
@@ -104,28 +108,36 @@ def check_args(args):
 
 def prepare_vocab(args, dataset, sources, ctx):
     """(tokenizer, vocab): read --save-vocab (or --vocab-file for WordPiece) if it exists,
-    as the original did, else build it from the training split and write it there."""
-    if args.tokenizer == "wordpiece":
-        if not Path(args.vocab_file).exists():
+    as the original did, else build it from the training split (rank 0, with every core)
+    and write it there."""
+    path = Path(args.vocab_file if args.tokenizer == "wordpiece" else args.save_vocab)
+    built = []
+
+    def build():
+        if path.exists():
+            return
+        built.append(path)
+        if args.tokenizer == "wordpiece":
             lines = corpus.vocabulary_lines(dataset, corpus.read_lines(
                 sources["train"][0], corpus.CORPORA[dataset].read))
             itos = wordpiece.train_vocab(lines, args.vocab_size, not args.cased)
-            checkpoint.atomic_write_text(args.vocab_file, "\n".join(itos) + "\n", ctx.main)
-            ctx.barrier()  # written by rank 0, read by all
-            ctx.print0(f"| WordPiece vocabulary: {len(itos)} tokens trained on the {dataset} "
-                       f"train split, saved to {args.vocab_file}")
+            checkpoint.atomic_write_text(path, "\n".join(itos) + "\n")
+            print(f"| WordPiece vocabulary: {len(itos)} tokens trained on the {dataset} train "
+                  f"split, saved to {path}", flush=True)
+        else:
+            vocab = data.Vocab.from_counts(corpus.count_vocab(dataset, sources, data.Tokenizer()))
+            checkpoint.atomic_write_text(path, vocab.to_text())
+            print(f"| vocabulary: {len(vocab)} tokens built from the {dataset} train split, "
+                  f"saved to {path}", flush=True)
+
+    ctx.once(build, path.exists)
+    if args.tokenizer == "wordpiece":
         tokenizer, vocab = wordpiece.from_args(args)
-        ctx.print0(f"| vocabulary: {len(vocab)} WordPiece tokens from {args.vocab_file}")
-        return tokenizer, vocab
-    tokenizer = data.Tokenizer()
-    if Path(args.save_vocab).exists():
-        vocab = data.Vocab.load(args.save_vocab)
-        ctx.print0(f"| vocabulary: {len(vocab)} tokens read from {args.save_vocab}")
     else:
-        vocab = data.Vocab.build(corpus.count_tokens_for_vocab(dataset, sources, tokenizer))
-        checkpoint.atomic_write_text(args.save_vocab, vocab.to_text(), ctx.main)
-        ctx.print0(f"| vocabulary: {len(vocab)} tokens built from the {dataset} train split, "
-                   f"saved to {args.save_vocab}")
+        tokenizer, vocab = data.Tokenizer(), data.Vocab.load(path)
+    if not built:
+        ctx.print0(f"| vocabulary: {len(vocab)} {'WordPiece ' * (args.tokenizer == 'wordpiece')}"
+                   f"tokens read from {path}")
     return tokenizer, vocab
 
 
@@ -176,18 +188,41 @@ def describe(split, r):
     return f"{split} loss {r['loss']:5.2f} | {split} ppl {r['ppl']:8.2f}"
 
 
+def blocks(tokens, args, ctx, split):
+    """The masked-LM samples of a split (samples.Blocks), refusing one too small for a
+    global batch."""
+    global_batch = args.batch_size * ctx.world
+    out = samples.Blocks(tokens, args.bptt, ctx.device)
+    if len(out) < global_batch:
+        raise data.DataError(
+            f"the {split} split has {len(tokens)} tokens, fewer than one batch of --batch_size "
+            f"{global_batch} x --bptt {args.bptt} = {global_batch * args.bptt}; use a smaller "
+            "batch or bptt, or more data")
+    ctx.print0(f"| {split}: {len(tokens)} tokens, {len(out) // global_batch} batches")
+    return out
+
+
 def main(args):
     check_args(args)
     ctx = dist.setup(args, f"tokenizer: {args.tokenizer} ({data.BACKEND})")
-    recorder = train.recorder(args, ctx)
+    recorder = None if args.prepare_only else train.recorder(args, ctx)
     sources = corpus.corpus_sources(args.dataset, corpus.dataset_dir(args.dataset, args.data_dir))
     tokenizer, vocab = prepare_vocab(args, args.dataset, sources, ctx)
-    blocks = {}
-    for split, (ids, _) in corpus.load_corpus(args.dataset, sources, vocab, tokenizer,
-                                            args.cache_dir, ctx.main).items():
-        blocks[split] = data.mlm_blocks(ids, args.batch_size * ctx.world, args.bptt,
-                                        split).to(ctx.device)
-        ctx.print0(f"| {split}: {len(ids)} tokens, {len(blocks[split])} batches")
+    splits = corpus.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir, ctx)
+    if args.prepare_only:
+        ctx.print0(f"| --prepare-only: the vocabulary and the token stores are ready in "
+                   f"{args.cache_dir}; stopping before training")
+        return
+    data_of = {split: blocks(tokens, args, ctx, split) for split, tokens in splits.items()}
+    global_batch = args.batch_size * ctx.world
+
+    def batches(split, epoch=0, start=0):
+        # Every rank reads the whole global batch: the masks are drawn for all of it.
+        order = None
+        if split == "train" and args.order == "shuffled":
+            order = samples.Shuffle(len(data_of[split]), args.seed, epoch, samples.ORDER)
+        return data.Batches(data_of[split], batch_size=global_batch, drop_last=True, order=order,
+                            start=start)
 
     raw = MLMTask.on(BertModel(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers,
                                args.dropout, args.norm_first, args.layer_norm_eps,
@@ -202,13 +237,14 @@ def main(args):
         # The same masks at every evaluation, so valid losses compare across epochs.
         gen = torch.Generator(device=ctx.device).manual_seed((args.seed + 1) % 2**63)
         loss_fn = mlm_loss(args, vocab, gen, ctx, train=False)
-        sums = train.evaluate(model, blocks[split], loss_fn, args, ctx)
+        sums = train.evaluate(model, batches(split), loss_fn, args, ctx)
         loss = sums["loss"] / sums["count"]
         return dict(loss=loss, ppl=utils.safe_exp(loss))
 
     task = train.Task(
         "mlm_task", mlm_loss(args, vocab, masks, ctx),
-        lambda epoch: blocks["train"], len(blocks["train"]), lambda model: evaluate("valid"),
+        lambda epoch, start: batches("train", epoch, start), len(batches("train")),
+        lambda model: evaluate("valid"),
         describe, args.save_full, vocab.fingerprint, generators=(masks,),
         train_tags=train.Task.train_tags + ("ppl",))
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)

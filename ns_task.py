@@ -6,18 +6,18 @@
 
 Each line with at least --min_sentence_len tokens is split at a random point into
 (A, B); for --frac_ns of the pairs B is replaced by the A of another pair. The
-model reads <cls> A <sep> B <sep> and predicts 1 (B follows A) or 0. Writes
+model reads <cls> A <sep> B <sep> and predicts 1 (B follows A) or 0. Pairs are made
+per batch from the token store (samples.Pairs), drawn anew and shuffled each epoch. Writes
 ns_bert.pt (the encoder, loaded by qa_task.py), ns_model.pt (encoder and
 classifier, best on validation) and ns_loss.txt.
 """
-import numpy as np
-import torch
 import torch.nn.functional as F
 
 import checkpoint
 import corpus
 import data
 import dist
+import samples
 import train
 import utils
 import wordpiece
@@ -81,33 +81,35 @@ def main(args):
     check_args(args)
     tokenizer, vocab = wordpiece.from_args(args)
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
-    recorder = train.recorder(args, ctx)
-    raw = NextSentenceTask(checkpoint.load_encoder(args.bert_model, vocab, args.dropout))
-    model = train.prepare_model(raw, args, ctx)
+    if not args.prepare_only:  # a mismatched encoder fails now, not after the data
+        recorder = train.recorder(args, ctx)
+        raw = NextSentenceTask(checkpoint.load_encoder(args.bert_model, vocab, args.dropout))
+        model = train.prepare_model(raw, args, ctx)
     sources = corpus.corpus_sources(args.dataset, corpus.dataset_dir(args.dataset, args.data_dir))
-    splits = corpus.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir, ctx.main)
+    splits = corpus.load_corpus(args.dataset, sources, vocab, tokenizer, args.cache_dir, ctx)
+    if args.prepare_only:
+        ctx.print0(f"| --prepare-only: the token stores are ready in {args.cache_dir}; stopping "
+                   "before training")
+        return
 
-    def pairs(split, seed):
-        ids, offsets = splits[split]
-        gen = torch.Generator().manual_seed(seed)
-        tensors = data.ns_pairs(ids, offsets, args.min_sentence_len, args.frac_ns, args.bptt, gen,
-                                vocab.roles)
-        return [t.to(ctx.device) for t in tensors]
+    def pairs(split, epoch):
+        """The split's pairs, drawn anew each training epoch; validation and test pairs are
+        drawn once (epochs -1 and -2), so that their losses compare across epochs."""
+        return samples.Pairs(splits[split], args.min_sentence_len, args.frac_ns, args.bptt,
+                             (args.seed, epoch), vocab.roles, ctx.device)
 
-    # Validation and test pairs are drawn once, so their losses compare across epochs;
-    # training pairs are drawn anew each epoch (new split points and partners).
-    fixed = {s: pairs(s, args.seed + i) for i, s in enumerate(("valid", "test"), 1)}
-    counts = {split: int((np.diff(offsets) >= max(2, args.min_sentence_len)).sum())
-              for split, (_, offsets) in splits.items()}
-    for split, n in counts.items():
-        ctx.print0(f"| {split}: {n} pairs (lines with at least {args.min_sentence_len} tokens)")
+    fixed = {"valid": pairs("valid", -1), "test": pairs("test", -2)}
+    train_pairs = pairs("train", 1)
+    for split, p in (("train", train_pairs), *fixed.items()):
+        ctx.print0(f"| {split}: {len(p)} pairs (lines with at least {args.min_sentence_len} tokens)")
 
-    def train_batches(epoch):
-        return data.Batches(*pairs("train", args.seed * 100 + epoch), batch_size=args.batch_size,
-                            shuffle=True, seed=args.seed, epoch=epoch, **ctx.shard(True))
+    def train_batches(epoch, start):
+        order = samples.Shuffle(len(train_pairs), args.seed, epoch, samples.ORDER)
+        return data.Batches(train_pairs.redraw((args.seed, epoch)), batch_size=args.batch_size,
+                            order=order, start=start, **ctx.shard(True))
 
     def evaluate(split):
-        batches = data.Batches(*fixed[split], batch_size=args.batch_size, **ctx.shard(False))
+        batches = data.Batches(fixed[split], batch_size=args.batch_size, **ctx.shard(False))
         sums = train.evaluate(model, batches, lambda m, b: ns_step(m, b, False, vocab.roles.pad), args,
                               ctx)
         return dict(loss=sums["loss"] / sums["count"],
@@ -115,7 +117,7 @@ def main(args):
 
     task = train.Task(
         "ns_task", lambda m, b: ns_step(m, b, pad=vocab.roles.pad), train_batches,
-        data.Batches.count(counts["train"], args.batch_size, **ctx.shard(True)),
+        data.Batches.count(len(train_pairs), args.batch_size, **ctx.shard(True)),
         lambda model: evaluate("valid"), describe, args.save_full, vocab.fingerprint,
         fmt=("8.5f", "5.2f"))
     trainer = train.Trainer(args, ctx, model, raw, task, recorder)

@@ -325,9 +325,9 @@ def main(args):
             fresh[epoch] = more.to(ctx.device)
         return fresh[epoch]
 
-    batches = lambda epoch: data.Batches(epoch_windows(epoch), batch_size=args.batch_size,
-                                         shuffle=True, seed=args.seed, epoch=epoch,
-                                         **ctx.shard(True))
+    batches = lambda epoch, start=0: data.Batches(
+        epoch_windows(epoch), batch_size=args.batch_size, shuffle=True, seed=args.seed,
+        epoch=epoch, start=start, **ctx.shard(True))
     task = train.Task(
         "qa_task", lambda m, w: qa_loss(m, w, vocab.roles.pad, args.loss, args.max_answer_len),
         batches, len(batches(1)), None if blind else lambda model: numbers(dev(model)),

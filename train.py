@@ -152,7 +152,8 @@ class Task:
     """What the Trainer needs to know of a task."""
     kind: str  # checkpoint kind of the whole model ("mlm_task", "ns_task", "qa_task")
     loss: Callable  # (model, batch) -> mean loss tensor
-    batches: Callable  # epoch -> its batches, the same for the same epoch in every run
+    batches: Callable  # (epoch, start) -> its batches from batch `start` on, the same for the
+    # same epoch in every run and for any number of processes
     steps: int  # batches per epoch
     validate: Optional[Callable]  # model -> {"loss": ..., score: ...}, numbers only; None: no
     # scoring between epochs (keep="last" with nothing to show)
@@ -208,7 +209,9 @@ class Trainer:
             return False
         self.optimizer.load_state_dict(ckpt)
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step, self.sums = ckpt["epoch"], ckpt["step"], list(ckpt["sums"])
+        # the epoch's loss sums so far, over all ranks (save_state): rank 0 carries them on
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.sums = list(ckpt["sums"]) if self.ctx.main else [0.0, 0.0]
         self.best, self.train_log, self.val_log = ckpt["best"], ckpt["train_log"], ckpt["val_log"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
@@ -230,7 +233,8 @@ class Trainer:
         state = checkpoint.header(
             self.task.kind + "_state", self.raw.bert_model.config, self.task.fingerprint,
             model=self.raw.state_dict(), **self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.step, sums=self.sums,
+            scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.step,
+            sums=self.ctx.all_sum(self.sums),  # of every rank: a resumed run may have another number
             best=self.best, train_log=self.train_log, val_log=self.val_log, rng=rng)
         checkpoint.atomic_save(state, self.args.state_file, self.ctx.main)
 
@@ -309,15 +313,13 @@ class Trainer:
         args, model, opt, ctx = self.args, self.model, self.optimizer, self.ctx
         model.train()
         opt.zero_grad()
-        batches = self.task.batches(epoch)
-        nbatches, every = len(batches), 1 if args.dry_run else args.log_interval
+        batches = self.task.batches(epoch, self.step)  # a resumed run starts where it stopped
+        nbatches, every = self.task.steps, 1 if args.dry_run else args.log_interval
         total, counted = torch.zeros((), device=self.device), 0
         interval, first_bad = torch.zeros_like(total), torch.full((), -1, device=self.device)
         start = time.time()
         self._start_profile()
-        for i, batch in enumerate(batches):
-            if i < self.step:
-                continue  # done before the run was stopped
+        for i, batch in enumerate(batches, start=self.step):
             # --grad-accum K: K batches per optimizer step, gradients synced on the last.
             last = (i + 1) % args.grad_accum == 0 or i + 1 == nbatches or args.dry_run
             no_sync = not last and hasattr(model, "no_sync")

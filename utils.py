@@ -126,8 +126,12 @@ def add_corpus_flags(p, default, choices, task):
     p.add_argument("--dataset", type=str, default=default, choices=choices,
                    help=f"dataset used for the {task} task")
     p.add_argument("--cache-dir", type=str, default=".data/cache",
-                   help="where token ids are cached so that later runs skip tokenization "
-                        "('' disables)")
+                   help="where the token stores are kept (the corpus's token ids, built once with "
+                        "every core, read by every process); '' keeps them in a temporary folder "
+                        "of each process, removed at the end")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="build the vocabulary and the token stores of --dataset, then stop: on a "
+                        "CPU machine ahead of a GPU job that reads them from --cache-dir")
 
 
 def check_positive(args, *names):

@@ -75,6 +75,12 @@ class WordPiece:
             return self._tt(text)
         return self._hf.encode(text, add_special_tokens=False).tokens
 
+    def tokenize_lines(self, lines):
+        """[self(line) for line in lines], in one call of the tokenizers library."""
+        if self._tt is not None:
+            return [self._tt(line) for line in lines]
+        return [e.tokens for e in self._hf.encode_batch(lines, add_special_tokens=False)]
+
     def tokenize_with_spans(self, text):
         enc = self._hf.encode(text, add_special_tokens=False)
         return enc.tokens, [tuple(o) for o in enc.offsets]

@@ -60,6 +60,30 @@ def run_without(package, tmp_path, *flags):
                           timeout=300)
 
 
+def id_vocab(size=1000):
+    """A vocabulary whose tokens are their own ids written out ("17" has id 17)."""
+    import data
+    return data.Vocab([str(i) for i in range(size)], roles=data.Roles(0, 1, 2, 3, 4, 5), tag="ids")
+
+
+def id_store(folder, lines, vocab_size=1000):
+    """A token store (store.Tokens of all its lines) holding the given lines of ids."""
+    import numpy as np
+    import store
+    text = folder / "ids.txt"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_text("".join(" ".join(map(str, line)) + "\n" for line in lines))
+
+    def encode(lines):
+        per_line = [line.split() for line in lines]
+        return (np.array([int(t) for t in sum(per_line, [])], np.int64),
+                np.array([len(t) for t in per_line], np.int64))
+    source = store.Source("ids", [text], lambda files: (line for f in files for line in open(f)),
+                          encode, "ids", id_vocab(vocab_size))
+    built = store.build(source, folder / "store", workers=1, show=False)
+    return built.lines(0, built.num_lines)
+
+
 @pytest.fixture
 def wikitext(tmp_path):
     return write_wikitext(tmp_path / "wikitext")

@@ -9,6 +9,7 @@ import torch
 
 import corpus
 import data
+import dist
 from conftest import write_wikitext
 
 
@@ -150,10 +151,11 @@ def test_book_folder_split_by_lines(tmp_path):
     (tmp_path / "b" / "two.txt").write_text("".join(f"more {i}\n" for i in range(50)))
     sources = corpus.corpus_sources("BookCorpus", tmp_path / "b")
     tok = data.Tokenizer()
-    vocab = data.Vocab.build(corpus.count_tokens_for_vocab("BookCorpus", sources, tok))
-    sizes = {s: corpus.load_split("BookCorpus", sources, s, vocab, tok)[1] for s in corpus.SPLITS}
-    assert [len(o) - 1 for o in sizes.values()] == [80, 10, 10]
-    assert "more" not in vocab.stoi or vocab.stoi  # train = first 80 lines: has 'more 0..29'
+    vocab = data.Vocab.from_counts(corpus.count_vocab("BookCorpus", sources, tok))
+    splits = corpus.load_corpus("BookCorpus", sources, vocab, tok, tmp_path / "cache", dist.Context())
+    assert [splits[s].num_lines for s in corpus.SPLITS] == [80, 10, 10]
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one store: the splits share files
+    assert vocab["more"] != data.UNK  # train = the first 80 lines: 'more 0' to 'more 29'
     assert vocab["49"] != data.UNK and vocab["95"] == data.UNK  # lines 90+ are test only
 
 
@@ -164,31 +166,7 @@ def test_enwik9_filter(tmp_path):
     assert list(corpus.enwik9_filter(xml)) == ["the cats ate four two fish chips\n", "second line\n"]
 
 
-def test_token_ids_are_cached(tmp_path, wikitext, monkeypatch):
-    sources = corpus.corpus_sources("WikiText2", wikitext)
-    tok = data.Tokenizer()
-    vocab = data.Vocab.build(corpus.count_tokens_for_vocab("WikiText2", sources, tok))
-    ids, offsets = corpus.load_split("WikiText2", sources, "valid", vocab, tok, tmp_path / "cache")
-    lines = list(corpus.read_lines([wikitext / "wiki.valid.tokens"]))
-    assert len(offsets) == len(lines) + 1
-    assert ids[offsets[3]:offsets[4]].tolist() == vocab.lookup_indices(tok(lines[3]))
-    monkeypatch.setattr(data.Tokenizer, "__call__", lambda self, t: 1 / 0)
-    again, _ = corpus.load_split("WikiText2", sources, "valid", vocab, tok, tmp_path / "cache")
-    assert torch.equal(ids, again)
-
-
-# ----------------------------------------------------------------- batches and masking
-
-def test_mlm_blocks_are_contiguous():
-    ids = torch.arange(100)
-    blocks = data.mlm_blocks(ids, batch_size=3, bptt=4)
-    assert blocks.shape == (8, 3, 4)
-    assert blocks[1, 2].tolist() == [20, 21, 22, 23]
-    withcls = data.add_cls(blocks[0])
-    assert withcls.shape == (3, 5) and torch.all(withcls[:, 0] == data.CLS)
-    with pytest.raises(data.DataError, match="fewer than one batch"):
-        data.mlm_blocks(torch.arange(10), 3, 4)
-
+# ----------------------------------------------------------------- masking
 
 def _batch(n=64, s=129, vocab=1000, seed=0):
     g = torch.Generator().manual_seed(seed)

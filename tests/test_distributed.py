@@ -162,3 +162,68 @@ def test_a_one_process_job_trains_without_the_ddp_wrapper(tmp_path):
     finally:
         tdist.destroy_process_group()
     assert dist.wrap(model, args, dist.Context(rank=0, world=1)) is model  # no group at all
+
+
+# ----------------------------------------------------------------- the token store in a job
+
+def _torchrun(tmp_path, args, nnodes=1, nproc=2, endpoint=None, node=None):
+    """A torchrun launcher of mlm_task.py: one machine (nnodes 1), or one of nnodes
+    launchers meeting at a c10d rendezvous endpoint, as on a cluster."""
+    where = (["--nproc_per_node", str(nproc), "--master_port", str(dist.free_port())] if nnodes == 1
+             else ["--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
+                   "--rdzv_endpoint", endpoint, "--rdzv_id", "bench-test"])
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *where,
+                             str(ROOT / "mlm_task.py"), *map(str, args), "--parallel", "DDP"],
+                            cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_job_builds_its_vocabulary_and_token_store_once(tmp_path):
+    """Two processes on one machine, and two 'nodes' (launchers) sharing a disk: rank 0
+    alone counts the vocabulary and tokenizes; two nodes with a disk each: each node's
+    first process builds the store on its own disk."""
+    wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
+    args = ["--data-dir", wt, *TINY[:-2], "--cache-dir", "cache", "--dry-run"]
+    proc = _torchrun(tmp_path, args)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert out.count("| vocabulary: ") == 1 and "built from the WikiText2 train split" in out
+    assert out.count("built from WikiText2") == 3  # train, valid, test: once each
+    endpoint = f"127.0.0.1:{dist.free_port()}"
+    for disks, builds in ((["shared", "shared"], 3), (["disk0", "disk1"], 6)):
+        nodes = [_torchrun(tmp_path, ["--data-dir", wt, *TINY[:-2], "--cache-dir", disk, "--dry-run"],
+                           nnodes=2, nproc=1, endpoint=endpoint) for disk in disks]
+        outs = [p.communicate(timeout=300) for p in nodes]
+        assert [p.returncode for p in nodes] == [0, 0], outs
+        assert sum(o.count("built from WikiText2") for o, _ in outs) == builds, outs
+        endpoint = f"127.0.0.1:{dist.free_port()}"
+
+
+def test_resume_on_another_number_of_processes(tmp_path):
+    """Two processes (4 rows each) stopped by SIGUSR1 (srun sends it to every task), resumed
+    by one process (8 rows): the same weights as one process throughout, whatever step the
+    signal stopped them at (shuffled blocks, no batch replayed)."""
+    wt = write_wikitext(tmp_path / "wt", (1200, 40, 40))
+    common = ["--data-dir", wt, *TINY[:-2], "--cache-dir", tmp_path / "cache", *NO_DROPOUT,
+              "--epochs", "2", "--log-interval", "1"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir(), parts.mkdir()
+    run_script("mlm_task.py", *common, "--batch_size", "8", cwd=whole)
+    ranks = _slurm_ranks(parts, [*common, "--batch_size", "4", "--parallel", "DDP"])
+    line = ""
+    while "| epoch   1 |     3/" not in line:
+        line = ranks[0].stdout.readline()
+        assert line or ranks[0].poll() is None, ranks[0].stderr.read()
+    for p in ranks:
+        p.send_signal(signal.SIGUSR1)
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [128 + signal.SIGUSR1] * 2, outs
+    state = torch.load(parts / "mlm_state.pt", weights_only=True)
+    assert 3 <= state["step"] and (state["epoch"], state["step"]) < (2, 150)
+    resumed = run_script("mlm_task.py", *common, "--batch_size", "8", "--resume", cwd=parts)
+    assert f"resuming from mlm_state.pt: epoch {state['epoch']}, {state['step']} batches done" \
+        in resumed.stdout
+    assert _max_diff(_weights(whole / "full_mlm_model.pt"), _weights(parts / "full_mlm_model.pt")) < 1e-5
+    valid = lambda d: [r["loss"] for r in monitor.read_results(d / "mlm_loss.jsonl")
+                       if r["record"] == "valid"]
+    assert valid(whole) == pytest.approx(valid(parts), rel=1e-4)

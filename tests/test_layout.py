@@ -5,9 +5,9 @@ import ast
 from conftest import ROOT
 
 # Bottom to top: a module may import the ones before it, never one after it.
-LAYERS = ["metrics", "utils", "monitor", "model", "hf", "dist", "data", "wordpiece", "corpus",
+LAYERS = ["metrics", "utils", "monitor", "model", "hf", "dist", "data", "samples", "wordpiece", "store", "corpus",
           "checkpoint",
-          "train", "squad", "cloze", "mlm_task", "ns_task", "qa_task", "export", "peer", "bench", "plot",
+          "train", "squad", "cloze", "mlm_task", "ns_task", "qa_task", "export", "peer", "bench", "bench_data", "plot",
           "recipe"]
 
 

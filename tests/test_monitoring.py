@@ -62,8 +62,12 @@ def test_scripts_print_periodic_progress_lines(tmp_path):
     assert proc.returncode == 0, proc.stderr
     # not a terminal: plain lines, never redraws
     assert "\r" not in proc.stdout
-    assert re.search(r"^\| tokenizing WikiText2 train: \d+ lines, \d+ s$", proc.stdout, re.M)
-    assert re.search(r"^\| tokenizing WikiText2 train: done, 300 lines in ", proc.stdout, re.M)
+    size = (wt / "wiki.train.tokens").stat().st_size
+    assert re.search(rf"^\| tokenizing WikiText2 wiki.train.tokens: \[#* *\] +\d+% \(\d[\d,]*/{size:,} "
+                     r"bytes\) \d+ s, ~\d+ s left$", proc.stdout, re.M)
+    assert re.search(rf"^\| tokenizing WikiText2 wiki.train.tokens: done, {size:,} bytes in ", proc.stdout,
+                     re.M)
+    assert re.search(r"^\| counting WikiText2's vocabulary: done, ", proc.stdout, re.M)
     assert re.search(r"^\| evaluating: \[#* *\] +\d+% \(\d+/\d+ batches\)", proc.stdout, re.M)
 
 

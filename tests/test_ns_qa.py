@@ -15,53 +15,6 @@ import squad
 from conftest import SQUAD_PARAGRAPHS, TINY, run_script, write_squad, write_wikitext
 
 
-# ----------------------------------------------------------------- next-sentence pairs
-
-def _corpus(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return torch.randint(len(data.SPECIALS), 500, (int(offsets[-1]),), generator=g), offsets
-
-
-def test_pairs_labels_types_and_separators():
-    ids, offsets = _corpus([30] * 2000)
-    inputs, types, labels = data.ns_pairs(ids, offsets, 10, 0.3, 64, torch.Generator().manual_seed(0))
-    assert inputs.shape == types.shape == (2000, 65) and labels.shape == (2000,)
-    assert abs((labels == 0).float().mean().item() - 0.3) < 0.001
-    assert torch.all(inputs[:, 0] == data.CLS)
-    for row, tt, label, start in zip(inputs[:50], types[:50], labels[:50], offsets[:50]):
-        seps = (row == data.SEP).nonzero().flatten().tolist()
-        assert len(seps) == 2
-        if label:
-            assert seps[1] == 32  # cls + the 30 tokens of the line + 2 seps, padded after
-        assert torch.all(row[seps[1] + 1:] == data.PAD)
-        assert torch.all(tt[:seps[0] + 1] == 0) and torch.all(tt[seps[0] + 1:] == 1)
-        a, b = row[1:seps[0]], row[seps[0] + 1:seps[1]]
-        line = ids[start:start + 30]
-        assert torch.equal(a, line[:len(a)])
-        assert torch.equal(b, line[len(a):]) == bool(label)
-
-
-def test_negative_b_is_the_a_of_another_pair():
-    ids, offsets = _corpus([12] * 50)
-    inputs, _, labels = data.ns_pairs(ids, offsets, 2, 1.0, 40, torch.Generator().manual_seed(3))
-    assert torch.all(labels == 0)
-    starts = {tuple(r[1:(r == data.SEP).nonzero()[0]].tolist()): i for i, r in enumerate(inputs)}
-    for i, r in enumerate(inputs):
-        seps = (r == data.SEP).nonzero().flatten()
-        b = tuple(r[seps[0] + 1:seps[1]].tolist())
-        assert starts[b] != i  # B is another pair's A, never its own
-
-
-def test_min_sentence_len_filter_and_cut():
-    ids, offsets = _corpus([5, 80, 59, 60, 200])
-    inputs, types, _ = data.ns_pairs(ids, offsets, 60, 0.0, 32, torch.Generator().manual_seed(0))
-    assert len(inputs) == 3  # the lines of 80, 60 and 200 tokens
-    assert inputs.shape[1] == 33 and torch.all(inputs[:, -1] != data.PAD)  # long pairs are cut
-    with pytest.raises(data.DataError, match="min_sentence_len"):
-        data.ns_pairs(ids, offsets, 1000, 0.5, 32, torch.Generator())
-
-
 # ----------------------------------------------------------------- SQuAD
 
 def test_squad_reader_maps_answers_to_tokens_exactly(tmp_path):
@@ -282,31 +235,6 @@ def test_encoder_of_another_vocabulary_is_refused(tmp_path):
     proc = run_script("ns_task.py", "--dataset", "WikiText2", "--data-dir", wt, cwd=tmp_path,
                       check=False)
     assert proc.returncode == 2 and "another vocabulary" in proc.stderr
-
-
-def test_next_sentence_pairs_are_learnable():
-    """Lines drawn from 20 disjoint 'topics': B follows A iff both come from one topic,
-    which a small model learns in a few steps (so the pairs, token types and padding
-    mask carry the signal)."""
-    import torch.nn.functional as F
-    from model import BertModel, NextSentenceTask
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    topics = rng.integers(20, size=400)
-    lines = [rng.integers(5 + t * 10, 15 + t * 10, size=30) for t in topics]
-    ids, offsets = torch.tensor(np.concatenate(lines)), np.arange(0, 30 * 401, 30)
-    x, types, y = data.ns_pairs(ids, offsets, 10, 0.5, 64, torch.Generator().manual_seed(0))
-    model = NextSentenceTask(BertModel(205, 64, 4, 128, 2, 0.0))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(150):
-        idx = torch.randint(len(x), (32,))
-        loss = F.cross_entropy(model(x[idx], types[idx], key_padding_mask=x[idx] == data.PAD), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        acc = (model.eval()(x, types, key_padding_mask=x == data.PAD).argmax(1) == y).float().mean()
-    assert acc > 0.9
 
 
 def test_freeze_embeddings_keeps_the_word_vectors(tmp_path):

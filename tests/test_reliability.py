@@ -100,7 +100,7 @@ def _trainer(tmp_path, loss_values, **flags):
     def loss_fn(model, batch):
         return model(batch).mean() * 0 + next(values)
 
-    task = train.Task("mlm_task", loss_fn, lambda e: [torch.ones(2, 3, dtype=torch.long)] * 4, 4,
+    task = train.Task("mlm_task", loss_fn, lambda e, start: [torch.ones(2, 3, dtype=torch.long)] * (4 - start), 4,
                       lambda m: dict(loss=1.0), lambda split, r: "ok", str(tmp_path / "best.pt"), "fp")
     return train.Trainer(args, dist.Context(), model, model, task, monitor.Recorder(None))
 

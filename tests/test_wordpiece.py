@@ -8,6 +8,7 @@ import torch
 
 import corpus
 import data
+import dist
 import squad
 import wordpiece
 from conftest import SQUAD_PARAGRAPHS, TINY, WORDS, run_script, run_without, write_squad, write_wikitext
@@ -79,21 +80,21 @@ def test_wikitext_marks_for_a_subword_tokenizer(vocab_file, tmp_path):
     without either."""
     line = " the <unk> tower is 1 @,@ 200 m long @-@ built in paris <unk> . \n"
     tok = wordpiece.WordPiece(vocab_file)
-    tokenize = corpus.subword_tokenizer("WikiText2", tok)
-    assert tokenize(line) == (tok(" the ") + ["[UNK]"] + tok(" tower is 1,200 m long-built in paris ")
-                              + ["[UNK]"] + tok(" . \n"))
-    assert len(tokenize(line)) < len(tok(line))  # each <unk> and @,@ was several pieces
+    tokenize = corpus.line_tokenizer("WikiText2", tok)
+    assert tokenize([line]) == [tok(" the ") + ["[UNK]"] + tok(" tower is 1,200 m long-built in paris ")
+                                + ["[UNK]"] + tok(" . \n")]
+    assert len(tokenize([line])[0]) < len(tok(line))  # each <unk> and @,@ was several pieces
+    assert tok.tokenize_lines([line, " paris "]) == [tok(line), tok(" paris ")]
     words = data.Tokenizer()
-    assert corpus.subword_tokenizer("WikiText2", words) is words
+    assert corpus.line_tokenizer("WikiText2", words)([line]) == [words(line)]
     assert list(corpus.vocabulary_lines("WikiText2", [line])) == [
         " the   tower is 1,200 m long-built in paris   . \n"]
     (tmp_path / "wiki.train.tokens").write_text(line * 3)
     vocab = wordpiece.load_vocab(vocab_file)
-    sources = {"train": ([tmp_path / "wiki.train.tokens"], corpus.WHOLE)}
-    ids, offsets = corpus.load_split("WikiText2", sources, "train", vocab, tok, tmp_path / "cache")
-    assert ids.tolist() == vocab.lookup_indices(tokenize(line)) * 3 and offsets.tolist()[-1] == len(ids)
-    plain_ids, _ = corpus.load_split("WikiText2", sources, "train", vocab, tok, tmp_path / "cache")
-    assert torch.equal(ids, plain_ids)  # read back from the cache
+    sources = {s: ([tmp_path / "wiki.train.tokens"], corpus.WHOLE) for s in corpus.SPLITS}
+    train = corpus.load_corpus("WikiText2", sources, vocab, tok, tmp_path / "cache", dist.Context())["train"]
+    assert train.read([0], len(train)).tolist() == [vocab.lookup_indices(tokenize([line])[0]) * 3]
+    assert train.num_lines == 3
 
 
 def test_the_scripts_with_wordpiece(tmp_path):
