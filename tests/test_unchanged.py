@@ -18,7 +18,7 @@ import torch
 import reference_runs
 from conftest import ROOT
 
-REFERENCE_COMMIT = "4782011467eac88e8fe36c9f4fa0978cda34774a"
+REFERENCE_COMMIT = "3d36a1f508d885e220aba15bc7fc6e2c64c12d07"
 
 
 def _stored():
