@@ -10,6 +10,7 @@ import collections
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dist import shard_range
@@ -333,6 +334,7 @@ class Batches:
         rows = len(items[0])
         self.stop = rows - rows % self.size if drop_last else rows
         self.order, self.start, self.perm = order, start, None
+        self.window = (0, np.zeros(0, np.int64))  # order's samples at some positions, from one call
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1000003 + epoch)
             self.perm = torch.randperm(rows, generator=g).to(self.device)
@@ -357,9 +359,14 @@ class Batches:
         lo, hi = shard_range(min(self.size, self.stop - start), self.rank, self.world)
         if lo == hi:
             return None
-        idx = torch.arange(start + lo, start + hi)
-        if self.order is not None:
-            idx = torch.from_numpy(self.order(idx.numpy()))
+        if self.order is None:
+            idx = torch.arange(start + lo, start + hi)
+        else:  # asked for 64 batches at a time: each call costs as much for 1 as for 10,000
+            first, samples = self.window
+            if not (first <= start + lo and start + hi <= first + len(samples)):
+                samples = self.order(np.arange(start + lo, min(start + lo + 64 * self.size, self.stop)))
+                first, self.window = start + lo, (start + lo, samples)
+            idx = torch.from_numpy(samples[start + lo - first:start + hi - first])
         idx = idx.to(self.device)
         if self.perm is not None:
             idx = self.perm[idx]

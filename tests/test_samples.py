@@ -67,6 +67,11 @@ def test_batches_start_where_asked_and_shard_the_same_global_batches():
                                                 world=world, drop_last=True, start=1)]
                     for r in range(world)]
         assert [torch.cat(parts).tolist() for parts in zip(*per_rank)] == whole[1:]
+    many = torch.arange(2000)  # 250 batches: more than Batches asks the order for at once
+    order = samples.Shuffle(2000, 3, 2, samples.ORDER)
+    for start in (0, 70):
+        served = torch.cat([b for (b,) in data.Batches(many, batch_size=8, order=order, start=start)])
+        assert served.tolist() == order(np.arange(start * 8, 2000)).tolist()
 
 
 # ----------------------------------------------------------------- next-sentence pairs
