@@ -8,12 +8,15 @@ Every file this project writes with torch.save is a dict of tensors and plain da
       mlm_task, ns_task, qa_task   a whole task model (encoder and head)
       <kind>_state   a whole run: model, optimizer, schedule, epoch, step, random states
 
-Files are written beside their target and renamed over it, so a crash or a full disk
-never leaves half a file in place of a good one. They are read with weights_only=True:
+Files are written beside their target, synced, and renamed over it (the folder synced
+after), so a crash, a full disk or a power loss never leaves half a file, or an empty
+one, in place of a good one. A file of a format version this code does not read is
+refused with one line. They are read with weights_only=True:
 a file holding Python objects is refused, never run.
 """
 import os
 import pickle
+import socket
 import tempfile
 from pathlib import Path
 
@@ -22,10 +25,11 @@ import torch
 import hf
 import wordpiece
 from model import BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask
-from utils import UserError
+from utils import UserError, check_tensors, check_version, describe_error, sync_folder
 
 FORMAT = "bert-example"
 VERSION = 1
+READS = (1,)  # the versions load() reads
 
 
 def header(kind, config, vocab_fingerprint, **content):
@@ -52,7 +56,10 @@ def atomic_write(path, write, main=True):
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+        sync_folder(path.resolve().parent)  # and so is the new name
     except OSError as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -87,6 +94,36 @@ def save_task(path, model, kind, vocab_fingerprint, main=True):
                        model=model.state_dict(), **extra), path, main)
 
 
+def lock_run(path):
+    """An exclusive lock on path (fcntl.flock), held as long as the returned file stays
+    open: the process that holds it is the one writer of a run's files. A second one is
+    refused with one line naming the holder (pid and host, which the file records). The
+    operating system frees the lock when its process ends, however it ends, so a lock
+    left by a dead process never blocks. Without fcntl (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(path)
+    try:
+        f = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write the lock file {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"another run is writing these files: {holder} holds {path}; wait for "
+                        "it to end, or give this run its own --state-file and outputs") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 # --------------------------------------------------------------------------- reading
 
 def load(path, kind, map_location="cpu"):
@@ -102,9 +139,16 @@ def load(path, kind, map_location="cpu"):
                         "(they could run code)") from None
     except Exception as e:  # torch raises many types for foreign or damaged files
         raise UserError(f"{path} is not a checkpoint this project can read "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+                        f"({describe_error(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by this project")
+    check_version(path, "checkpoint", ckpt.get("version"), READS)
+    state = ckpt.get("model")
+    if not (isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("vocab_fingerprint"), str)
+            and isinstance(ckpt.get("kind"), str) and isinstance(state, dict)
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise UserError(f"{path} is a damaged checkpoint: its kind, config, vocab_fingerprint or "
+                        "model (a dict of tensors) is missing or of the wrong type")
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if ckpt.get("kind") not in kinds:
         hint = ("pass the encoder file, e.g. mlm_bert.pt, not the full task" if kinds == ("encoder",)
@@ -128,14 +172,35 @@ def load_encoder(path, vocab, dropout=None):
         ckpt = load(path, "encoder")
     config = dict(ckpt["config"])
     check_tokenizer(ckpt["vocab_fingerprint"], vocab.fingerprint, path)
-    if ckpt["vocab_fingerprint"] != vocab.fingerprint or config["ntoken"] != len(vocab):
-        raise UserError(f"{path} was trained with another vocabulary ({config['ntoken']} tokens) "
-                        f"than the one loaded ({len(vocab)} tokens); pass the --save-vocab file "
-                        "(or --vocab-file) written with that model")
+    if ckpt["vocab_fingerprint"] != vocab.fingerprint or config.get("ntoken") != len(vocab):
+        raise UserError(f"{path} was trained with another vocabulary ({config.get('ntoken')} "
+                        f"tokens) than the one loaded ({len(vocab)} tokens); pass the --save-vocab "
+                        "file (or --vocab-file) written with that model")
     if dropout is not None:
         config["dropout"] = dropout
-    model = BertModel(**config)
-    model.load_state_dict(ckpt["model"])
+    check_encoder(config, ckpt["model"], path)
+    return load_weights(BertModel(**config), ckpt["model"], path)
+
+
+def check_encoder(config, state, path, prefix=""):
+    """Refuse (one line) an encoder configuration that cannot be built, or weights (the
+    tensors of state under prefix) of other names or shapes than it has: checked on the
+    meta device, before anything of the configuration's sizes is allocated."""
+    try:
+        with torch.device("meta"):
+            skeleton = BertModel(**config)
+    except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as e:
+        raise UserError(f"{path}: the encoder its configuration describes cannot be built "
+                        f"({describe_error(e)}); the file is "
+                        "damaged") from None
+    check_tensors({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                  skeleton.state_dict(), path)
+
+
+def load_weights(model, state, path):
+    """model with the weights of state, after check_tensors."""
+    check_tensors(state, model.state_dict(), path)
+    model.load_state_dict(state)
     return model
 
 
@@ -199,23 +264,29 @@ def load_into(model, path, kinds, vocab_fingerprint):
     if isinstance(model, QuestionAnswerTask) and ckpt.get("qa_head", "original") != model.head:
         raise UserError(f"{path} has the {ckpt.get('qa_head', 'original')!r} span head; pass "
                         f"--qa-head {ckpt.get('qa_head', 'original')}")
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     return ckpt
 
 
-def build(ckpt):
-    """The model a checkpoint holds (an encoder or a task model), with its weights."""
-    encoder, state = BertModel(**ckpt["config"]), ckpt["model"]
-    if ckpt["kind"] == "encoder":
-        model = encoder
-    elif ckpt["kind"].startswith("mlm_task"):
-        model = MLMTask.on(encoder, tie_weights=MLMTask.state_is_tied(state))
-    elif ckpt["kind"].startswith("ns_task"):
-        model = NextSentenceTask(encoder)
-    else:
-        model = QuestionAnswerTask(encoder, match_feature="match_embed.weight" in state,
-                                   head=ckpt.get("qa_head", "original"),
-                                   shape_feature="shape_embed.weight" in state,
-                                   match_neighbours="neighbour_embed.weight" in state)
-    model.load_state_dict(state)
-    return model
+def build(ckpt, path):
+    """The model a checkpoint (from load(path, ...)) holds, an encoder or a task model,
+    with its weights."""
+    state, encoder_only = ckpt["model"], ckpt["kind"] == "encoder"
+    check_encoder(ckpt["config"], state, path, "" if encoder_only else "bert_model.")
+    encoder = BertModel(**ckpt["config"])
+    try:
+        if encoder_only:
+            model = encoder
+        elif ckpt["kind"].startswith("mlm_task"):
+            model = MLMTask.on(encoder, tie_weights=MLMTask.state_is_tied(state))
+        elif ckpt["kind"].startswith("ns_task"):
+            model = NextSentenceTask(encoder)
+        else:
+            model = QuestionAnswerTask(encoder, match_feature="match_embed.weight" in state,
+                                       head=ckpt.get("qa_head", "original"),
+                                       shape_feature="shape_embed.weight" in state,
+                                       match_neighbours="neighbour_embed.weight" in state)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"{path}: the task model it describes cannot be built ({e}); the file "
+                        "is damaged") from None
+    return load_weights(model, state, path)

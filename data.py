@@ -8,12 +8,14 @@ corpus gives the same token ids either way. Nothing here knows about the model.
 """
 import collections
 import hashlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dist import shard_range
+from utils import check_version
 
 try:  # torchtext 0.18 imports only beside torch 2.3.x; elsewhere its C++ library fails
     import torchtext
@@ -28,7 +30,8 @@ except (ImportError, OSError, RuntimeError):
 BACKEND = "torchtext" if HAS_TORCHTEXT else "builtin"
 SPECIALS = ["<unk>", "<pad>", "<MASK>", "<cls>", "<sep>"]
 UNK, PAD, MASK, CLS, SEP = range(len(SPECIALS))
-VOCAB_HEADER = "# bert-example vocabulary v1"
+VOCAB_VERSION = 1
+VOCAB_HEADER = f"# bert-example vocabulary v{VOCAB_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,9 @@ class Vocab:
             raise DataError(f"cannot read vocabulary file {path}: {e}") from None
         except UnicodeDecodeError:
             lines = ["(binary)"]  # e.g. a pickled vocabulary of the original example
+        version = re.fullmatch(r"# bert-example vocabulary v(\d+)", lines[0])
+        if version and int(version.group(1)) != VOCAB_VERSION:
+            check_version(path, "vocabulary file", int(version.group(1)), (VOCAB_VERSION,))
         if lines[0] != VOCAB_HEADER:
             raise DataError(f"{path} is not a vocabulary file of this project (first line should "
                             f"be {VOCAB_HEADER!r}); delete it to rebuild it, or pass --save-vocab")

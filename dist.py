@@ -15,6 +15,7 @@ import datetime
 import gc
 import os
 import re
+import signal
 import socket
 import sys
 import traceback
@@ -24,7 +25,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from utils import UserError, seed_everything
+from utils import UserError, describe_error, seed_everything
 
 
 def shard_range(n, rank, world):
@@ -42,6 +43,7 @@ class Context:
         self.rank, self.world, self.local, self.device = rank, world, local, device
         self.control = None  # the process group of `any` (None: the default group)
         self.patient = None  # the process group of `once`, which waits up to a day
+        self.held = []  # what the process keeps open while it runs (the run's lock)
 
     @property
     def main(self):
@@ -107,8 +109,7 @@ class Context:
                 error = e
         if self._any_of(error is not None, self.patient):
             if error is None:
-                raise UserError("another process of the job failed while preparing the data; "
-                                "see its message")
+                raise UserError("another process of the job failed; see its message")
             if not self.main:  # only rank 0 prints errors at the end: say it here
                 print(f"rank {self.rank}: {error}", file=sys.stderr, flush=True)
             raise error
@@ -222,8 +223,14 @@ def cli(main, parser, errors=()):
     if args.parallel == "DDP" and launcher_env(os.environ) is None and args.world_size > 1:
         port = free_port()
         try:
-            mp.spawn(_spawned, args=(main, args, port, errors, parser.prog),
-                     nprocs=args.world_size, join=True)
+            processes = mp.spawn(_spawned, args=(main, args, port, errors, parser.prog),
+                                 nprocs=args.world_size, join=False)
+            while True:
+                try:
+                    if processes.join():
+                        break
+                except KeyboardInterrupt:
+                    continue  # Ctrl-C reached the processes too: they stop on their own
         except mp.ProcessExitedException as e:  # a rank failed; spawn has stopped the rest
             sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
         except mp.ProcessRaisedException as e:
@@ -246,6 +253,11 @@ def _run(main, args, errors, prog):
             tdist.barrier()  # every rank is done before the process group goes
     except Stopped as e:
         sys.exit(128 + e.signum)  # the shell's convention for "ended by a signal"
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one: files stay whole
+        if not tdist.is_initialized() or tdist.get_rank() == 0:
+            print(f"\n{prog}: interrupted (Ctrl-C); every file is whole: as it was, or written "
+                  "to the end", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (UserError, *errors) as e:
         if not tdist.is_initialized() or tdist.get_rank() == 0:
             print(f"{prog}: error: {e}", file=sys.stderr)
@@ -257,7 +269,7 @@ def _run(main, args, errors, prog):
             traceback.print_exc()  # may be a bug of its own, not only a lost peer
         # Another process of the job died or stopped answering: say so and stop, do not hang.
         print(f"{prog}: error: rank {tdist.get_rank()} lost the other processes of the job "
-              f"({str(e).splitlines()[0][:200]}); see their logs", file=sys.stderr)
+              f"({describe_error(e, 200)}); see their logs", file=sys.stderr)
         sys.exit(1)
     finally:
         if tdist.is_initialized():

@@ -79,7 +79,7 @@ def main(argv=None):
     _, vocab = wordpiece.from_args(a)
     ckpt = checkpoint.load(a.model, ("encoder", "mlm_task", "ns_task", "qa_task"))
     checkpoint.check_fit(ckpt, a.model, ckpt["config"], vocab.fingerprint)  # the vocabulary
-    model = checkpoint.build(ckpt)
+    model = checkpoint.build(ckpt, a.model)
     if a.tokenizer == "wordpiece":
         arch = hf.write_folder(model, a.out, vocab.itos, lower_case=not a.cased)
         print(f"| wrote {arch} to {a.out} (config.json, model.safetensors, vocab.txt and the "

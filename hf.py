@@ -15,6 +15,7 @@ weights_only=True), never with pickle.
 """
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from model import BertModel, MLMTask, NextSentenceTask, QuestionAnswerTask
-from utils import UserError
+from utils import UserError, check_tensors
 
 ARCHITECTURES = ("BertModel", "BertForPreTraining", "BertForMaskedLM",
                  "BertForNextSentencePrediction", "BertForQuestionAnswering")
@@ -42,9 +43,60 @@ _MLM = [("cls.predictions.transform.dense", "mlm_span"),
         ("cls.predictions.transform.LayerNorm", "norm_layer")]
 
 
+# BertConfig's fields that say sizes: (name, required)
+_SIZES = [("vocab_size", True), ("hidden_size", True), ("num_attention_heads", True),
+          ("intermediate_size", True), ("num_hidden_layers", True),
+          ("max_position_embeddings", False), ("type_vocab_size", False)]
+
+
+def _check_values(cfg, where):
+    """UserError naming the first field of a config.json that is missing or out of range."""
+    for name, required in _SIZES:
+        if name not in cfg and not required:
+            continue
+        value = cfg.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{where}: {name} is {'missing' if name not in cfg else repr(value)}; "
+                            "a positive whole number is needed")
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise UserError(f"{where}: num_attention_heads {cfg['num_attention_heads']} does not divide "
+                        f"hidden_size {cfg['hidden_size']}")
+    for name, low, high in (("hidden_dropout_prob", 0.0, 1.0), ("layer_norm_eps", 0.0, 1.0)):
+        value = cfg.get(name, 0.1)
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not (low <= value < high and (name != "layer_norm_eps" or value > 0))):
+            raise UserError(f"{where}: {name} is {value!r}; a number in [{low:g}, {high:g}) is needed")
+
+
+def _check_shapes(cfg, theirs, prefix, where):
+    """UserError naming the config.json field that the weights' shapes contradict."""
+    emb = f"{prefix}embeddings."
+    for tensor, fields in ((emb + "word_embeddings.weight", ("vocab_size", "hidden_size")),
+                           (emb + "position_embeddings.weight", ("max_position_embeddings", "hidden_size")),
+                           (emb + "token_type_embeddings.weight", ("type_vocab_size", "hidden_size")),
+                           (f"{prefix}encoder.layer.0.intermediate.dense.weight",
+                            ("intermediate_size", "hidden_size"))):
+        shape = tuple(theirs[tensor].shape) if tensor in theirs else None
+        if shape is None:
+            continue
+        for field, size in zip(fields, shape + (None,) * (2 - len(shape))):
+            want = cfg.get(field, dict(max_position_embeddings=512, type_vocab_size=2).get(field))
+            if size != want:
+                raise UserError(f"{where}: {field} is {want}, but the weights' {tensor} has shape "
+                                f"{shape}; the config and the weights are not of one model")
+    layer = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
+    layers = {int(m.group(1)) for m in map(layer.match, theirs) if m}
+    if layers != set(range(len(layers))) or len(layers) != cfg["num_hidden_layers"]:
+        raise UserError(f"{where}: num_hidden_layers is {cfg['num_hidden_layers']}, but the weights "
+                        f"hold layers {sorted(layers)[:3]}{'...' if len(layers) > 3 else ''} "
+                        f"({len(layers)} of them)")
+
+
 def config_from_hf(cfg, where="config.json"):
     """BertModel keyword arguments from a transformers BertConfig dict; UserError for what
-    model.py cannot compute."""
+    model.py cannot compute, naming the field."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where} is not a JSON object of a model's configuration")
     if cfg.get("model_type") != "bert":
         raise UserError(f"{where}: model_type {cfg.get('model_type')!r} is not BERT; only BERT "
                         "checkpoints can be mapped onto this project's model")
@@ -53,8 +105,9 @@ def config_from_hf(cfg, where="config.json"):
                         "this project's BERT has absolute learned positions only")
     if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
         raise UserError(f"{where}: a decoder (is_decoder / add_cross_attention) cannot be mapped")
+    _check_values(cfg, where)
     act = cfg.get("hidden_act", "gelu")
-    if act not in ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh"):
+    if not isinstance(act, str) or act not in ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{where}: hidden_act {act!r} is not one of gelu, relu, gelu_new, "
                         "gelu_pytorch_tanh")
     return dict(ntoken=cfg["vocab_size"], ninp=cfg["hidden_size"],
@@ -103,8 +156,11 @@ def encoder_from_hf(theirs, nlayers, where):
         mine[b] = _take(theirs, a, where)
     for i in range(nlayers):
         for p in ("weight", "bias"):
-            mine[f"layers.{i}.mha.in_proj.{p}"] = torch.cat(
-                [_take(theirs, f"{prefix}encoder.layer.{i}.{q}.{p}", where) for q in _QKV])
+            qkv = [_take(theirs, f"{prefix}encoder.layer.{i}.{q}.{p}", where) for q in _QKV]
+            if len({tuple(t.shape) for t in qkv}) != 1:
+                raise UserError(f"{where}: the query, key and value {p}s of layer {i} differ in "
+                                f"shape ({', '.join(str(tuple(t.shape)) for t in qkv)})")
+            mine[f"layers.{i}.mha.in_proj.{p}"] = torch.cat(qkv)
     return mine, prefix
 
 
@@ -168,15 +224,19 @@ def read_folder(folder):
                         "or a checkpoint of this project") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {folder / 'config.json'}: {e}") from None
-    archs = cfg.get("architectures") or ["BertModel"]
-    if archs[0] not in ARCHITECTURES:
-        raise UserError(f"{folder}: architecture {archs[0]} cannot be mapped; this project reads "
+    archs = (cfg.get("architectures") if isinstance(cfg, dict) else None) or ["BertModel"]
+    if not isinstance(archs, list) or not isinstance(archs[0], str) or archs[0] not in ARCHITECTURES:
+        named = archs[0] if isinstance(archs, list) and archs else repr(archs)
+        raise UserError(f"{folder}: architecture {named} cannot be mapped; this project reads "
                         f"{', '.join(ARCHITECTURES)}")
     config = config_from_hf(cfg, folder / "config.json")
     theirs = read_weights(folder)
     where = folder.name
+    prefix = "bert." if any(k.startswith("bert.embeddings.") for k in theirs) else ""
+    _check_shapes(cfg, theirs, prefix, folder / "config.json")
     mine, prefix = encoder_from_hf(theirs, config["nlayers"], where)
     encoder = BertModel(**config)
+    check_tensors(mine, encoder.state_dict(), folder)
     encoder.load_state_dict(mine)
     heads = {}
     if "cls.predictions.transform.dense.weight" in theirs:
@@ -207,7 +267,7 @@ def lower_case(folder):
     True, as BERT's uncased models, where it does not say)."""
     try:
         cfg = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
-        return bool(cfg.get("do_lower_case", True))
+        return bool(cfg.get("do_lower_case", True)) if isinstance(cfg, dict) else True
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return True
 

@@ -205,6 +205,8 @@ def blocks(tokens, args, ctx, split):
 def main(args):
     check_args(args)
     ctx = dist.setup(args, f"tokenizer: {args.tokenizer} ({data.BACKEND})")
+    if not args.prepare_only:
+        train.lock_outputs(args, ctx)
     recorder = None if args.prepare_only else train.recorder(args, ctx)
     sources = corpus.corpus_sources(args.dataset, corpus.dataset_dir(args.dataset, args.data_dir))
     tokenizer, vocab = prepare_vocab(args, args.dataset, sources, ctx)

@@ -16,6 +16,9 @@ import os
 import sys
 import time
 
+from utils import check_version
+
+RESULTS_FORMAT, RESULTS_VERSION = "bert-example-results", 1
 LINE = "-" * 89
 DOUBLE_LINE = "=" * 89
 
@@ -138,6 +141,9 @@ class Recorder:
     def start(self, append):
         if self.main and self.path:
             self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+            if not append:  # the file's first line says its format and version
+                self.file.write(json.dumps(dict(record="format", format=RESULTS_FORMAT,
+                                                version=RESULTS_VERSION)) + "\n")
 
     def write(self, record, step=None, tags=()):
         """Append record; tags: its keys that also go to TensorBoard, as
@@ -237,7 +243,8 @@ def profile_lines(averages, on_device, steps, rows=15):
 def read_results(path):
     """The records of a results file, in order; a record repeated by a resumed run (same
     record kind, epoch and step) replaces the earlier one. ValueError for a file that
-    is not JSON lines of records."""
+    is not JSON lines of records, UserError for one of a format version not read here
+    (files without the format line, from before it, are read)."""
     records, where = [], {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -249,6 +256,9 @@ def read_results(path):
                 raise ValueError(f"line {n} is not JSON ({e})") from None
             if not isinstance(r, dict) or "record" not in r:
                 raise ValueError(f"line {n} is not a record of a task script")
+            if r["record"] == "format":
+                check_version(path, "results file", r.get("version"), (RESULTS_VERSION,))
+                continue
             key = (r["record"], r.get("epoch"), r.get("step"))
             if key in where:
                 records[where[key]] = None

@@ -82,6 +82,7 @@ def main(args):
     tokenizer, vocab = wordpiece.from_args(args)
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     if not args.prepare_only:  # a mismatched encoder fails now, not after the data
+        train.lock_outputs(args, ctx)
         recorder = train.recorder(args, ctx)
         raw = NextSentenceTask(checkpoint.load_encoder(args.bert_model, vocab, args.dropout))
         model = train.prepare_model(raw, args, ctx)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from monitor import read_results
+from utils import UserError
 
 KINDS = (("mlm", "masked LM"), ("ns", "next sentence"),
          ("cloze", "span selection (WikiText-2 questions)"), ("qa", "SQuAD question answering"))
@@ -87,6 +88,8 @@ def main(argv=None):
             runs[path] = curves(read_results(path))
         except FileNotFoundError:
             sys.exit(f"plot.py: error: {path} not found; pass a results file (--results of a task)")
+        except UserError as e:  # a format version this code does not read
+            sys.exit(f"plot.py: error: {e}")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             sys.exit(f"plot.py: error: {path} is not a results file of the task scripts: {e}")
         if not runs[path]["steps"] and not runs[path]["valid"] and runs[path]["test"] is None:

@@ -214,7 +214,7 @@ def predict(args):
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
     ckpt = checkpoint.load(args.save, "qa_task")
     checkpoint.check_fit(ckpt, args.save, ckpt["config"], vocab.fingerprint)  # the vocabulary
-    raw = checkpoint.build(ckpt).to(ctx.device)
+    raw = checkpoint.build(ckpt, args.save).to(ctx.device)
     args.shape_feature = raw.shape_embed is not None  # the questions read as it was trained
     if not args.doc_stride:
         args.doc_stride = max(1, args.bptt // 2)  # a long context is read whole, in windows
@@ -271,6 +271,7 @@ def main(args):
         return predict(args)
     tokenizer, vocab = wordpiece.from_args(args)
     ctx = dist.setup(args, f"tokenizer: {tokenizer.name} ({data.BACKEND})")
+    train.lock_outputs(args, ctx)
     recorder = train.recorder(args, ctx)
     raw = QuestionAnswerTask(encoder(args, vocab, ctx), match_feature=args.match_feature,
                              head=args.qa_head, shape_feature=args.shape_feature,

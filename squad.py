@@ -59,6 +59,18 @@ def squad_files(folder):
                     "pass the SQuAD folder with --squad")
 
 
+def _check_types(qa, context, answers):
+    """TypeError where a question's fields are not of SQuAD's types."""
+    if not isinstance(context, str) or not isinstance(qa["question"], str):
+        raise TypeError("a context or question is not a string")
+    if not isinstance(qa["id"], (str, int)) or isinstance(qa["id"], bool):
+        raise TypeError(f"question id {qa['id']!r} is not a string")
+    for text, start in answers:
+        if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
+            raise TypeError(f"question {qa['id']}: an answer's text or answer_start is of the "
+                            "wrong type")
+
+
 def read_squad(path, holdout=0):
     """Paragraphs of a SQuAD v1.1 file: [{'context', 'qas': [{'id', 'question',
     'answers': [(text, char_start), ...]}]}], checked against the format. holdout > 0:
@@ -77,7 +89,8 @@ def read_squad(path, holdout=0):
                 ctx = para["context"]
                 qas = []
                 for qa in para["qas"]:
-                    answers = [(a["text"], int(a["answer_start"])) for a in qa["answers"]]
+                    answers = [(a["text"], a["answer_start"]) for a in qa["answers"]]
+                    _check_types(qa, ctx, answers)
                     if not answers:
                         raise DataError(f"{path}: question {qa['id']} has no answer; this is a "
                                         "SQuAD v1.1 reader (v2.0 files are not supported)")
@@ -85,7 +98,7 @@ def read_squad(path, holdout=0):
                         if ctx[start:start + len(text)] != text:
                             raise DataError(f"{path}: question {qa['id']}: answer {text!r} is not "
                                             f"at answer_start {start} of its context")
-                    qas.append(dict(id=qa["id"], question=qa["question"], answers=answers))
+                    qas.append(dict(id=str(qa["id"]), question=qa["question"], answers=answers))
                 paragraphs.append(dict(context=ctx, qas=qas))
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read SQuAD file {path}: {e}") from None

@@ -34,7 +34,7 @@ import numpy as np
 
 import monitor
 from data import DataError
-from utils import UserError
+from utils import UserError, check_version, sync_folder
 
 FORMAT = "bert-example-token-store"
 VERSION = 1
@@ -186,14 +186,15 @@ class Tokens:
         if len(starts) == 0 or length == 0:
             return np.zeros((len(starts), length), self.store.dtype)
         ids = self.store.ids()
-        return ids[self.begin + np.asarray(starts)[:, None] + np.arange(length)]
+        return self.store.checked(ids[self.begin + np.asarray(starts)[:, None] + np.arange(length)])
 
     def read_ranges(self, starts, ends):
         """[ids[s:e] for s, e in zip(starts, ends)], copied out of the file."""
         if len(self) == 0:
             return [np.zeros(0, self.store.dtype) for _ in starts]
         ids = self.store.ids()
-        return [np.array(ids[self.begin + s:self.begin + e]) for s, e in zip(starts, ends)]
+        return [self.store.checked(np.array(ids[self.begin + s:self.begin + e]))
+                for s, e in zip(starts, ends)]
 
     def line_bounds(self, lines):
         """(starts, ends) of lines (numbers within this split), as positions."""
@@ -234,9 +235,29 @@ class Store:
     def ids(self):
         return _mapped(self.folder / "tokens.bin", self.dtype, self.num_tokens)
 
+    def checked(self, ids):
+        """ids, refused where one lies past the vocabulary (a damaged tokens.bin: the ids
+        carry no checksum, which would cost a read of the whole file at every start)."""
+        if ids.size and int(ids.max()) >= self.manifest["vocab_size"]:
+            raise DataError(f"token store {self.folder} holds the id {int(ids.max())}, past its "
+                            f"vocabulary of {self.manifest['vocab_size']}: it is damaged; delete "
+                            "the folder to rebuild it")
+        return ids
+
     def offsets(self, lines):
         """The offsets of the given line numbers (0 to num_lines)."""
         return np.asarray(_mapped(self.folder / "lines.idx", np.int64, self.num_lines + 1)[lines])
+
+    def offsets_in_order(self, step=1 << 22):
+        """Whether the line offsets run from 0 to the number of tokens without going back
+        (a pass over lines.idx, 8 bytes a line: a second for 100M lines)."""
+        last = 0
+        for lo in range(0, self.num_lines + 1, step):
+            chunk = self.offsets(np.arange(lo, min(lo + step, self.num_lines + 1)))
+            if chunk[0] < last or (np.diff(chunk) < 0).any():
+                return False
+            last = chunk[-1]
+        return last == self.num_tokens and self.offsets(np.array([0]))[0] == 0
 
     def lines(self, lo, hi):
         return Tokens(self, lo, hi)
@@ -285,40 +306,33 @@ def _why_not(folder, source):
     if fmt != FORMAT or not isinstance(version, int):
         return None, "its manifest.json is not a token store's"
     if version > VERSION:
-        raise UserError(f"token store {folder} has format version {version}, newer than this "
-                        f"code reads ({VERSION}): run the version of this project that made it, "
-                        "or pass another --cache-dir")
+        check_version(path, "token store's manifest", version, (VERSION,))
     if version < VERSION:
         return None, f"it has format version {version}, this code writes {VERSION}"
     try:
         if m["dataset"] != source.dataset or m["tokenizer"] != source.tokenizer:
             return None, f"it was made from {m['dataset']} with the {m['tokenizer']} tokenizer"
-        if m["vocab_fingerprint"] != source.vocab.fingerprint:
+        if m["vocab_fingerprint"] != source.vocab.fingerprint or m["vocab_size"] != len(source.vocab):
             return None, "it was made with another vocabulary"
         if m["sources"] != source.files_seen():
             return None, "its source files changed since (size or time)"
-        dtype, tokens, lines = np.dtype(m["dtype"]), int(m["tokens"]), int(m["lines"])
+        dtype, tokens, lines = np.dtype(m["dtype"]), m["tokens"], m["lines"]
+        if dtype.name not in ("uint16", "uint32") or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in (tokens, lines)):
+            raise TypeError(m["dtype"])
     except (KeyError, TypeError, ValueError):
-        return None, "its manifest.json is incomplete"
+        return None, "its manifest.json is incomplete or damaged"
     for name, want in (("tokens.bin", tokens * dtype.itemsize), ("lines.idx", (lines + 1) * 8)):
         have = (folder / name).stat().st_size if (folder / name).is_file() else -1
         if have != want:
             return None, f"its {name} holds {max(have, 0):,} bytes where {want:,} are expected"
     st = Store(folder, m)
-    if lines < 0 or tokens < 0 or st.offsets(np.array([0, lines])).tolist() != [0, tokens]:
+    if lines < 0 or tokens < 0 or not st.offsets_in_order():
         return None, "its lines.idx is damaged"
     return st, None
 
 
 # --------------------------------------------------------------------------- building
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _encode(source, lines, dtype):
     """What a worker computes for a piece: its ids as the store's type, tokens per line."""
@@ -384,7 +398,7 @@ def build(source, folder, workers=None, show=True, why=None):
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        sync_folder(tmp)
         if folder.exists():  # a store found wrong: moved away, then the new one in its place
             old = folder.parent / f".{folder.name}.{socket.gethostname()}.{os.getpid()}.old.tmp"
             os.replace(folder, old)
@@ -392,7 +406,7 @@ def build(source, folder, workers=None, show=True, why=None):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
-        _fsync(folder.parent)
+        sync_folder(folder.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write the token store {folder}: {e.strerror or e}; free space "

@@ -20,7 +20,7 @@ import torch.nn as nn
 import checkpoint
 import dist
 import monitor
-from utils import UserError, autocast, results_path, safe_exp
+from utils import UserError, autocast, describe_error, results_path, safe_exp
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -129,6 +129,15 @@ def prepare_model(raw, args, ctx, frozen="as loaded"):
     return dist.wrap(raw, args, ctx)
 
 
+def lock_outputs(args, ctx):
+    """Make this run the one writer of its state file and outputs: rank 0 holds a lock
+    beside --state-file (or --save, without a state file) until the process ends, and
+    a second run on the same files stops here, before it trains."""
+    target = Path(args.state_file or args.save)
+    path = target.parent / f".{target.name}.lock"
+    ctx.once(lambda: ctx.held.append(checkpoint.lock_run(path)), lambda: True)
+
+
 def recorder(args, ctx):
     """Where the run's numbers go: --results (JSON lines) and --tensorboard, written by
     the main process. Made at start-up, so that a missing tensorboard fails at once."""
@@ -173,8 +182,8 @@ class Trainer:
 
     model: raw, maybe compiled and in DDP (prepare_model). The state (model, optimizer,
     schedule, epoch and step, random states, best value and loss logs) goes to
-    --state-file at every epoch end, every --save-every steps, and when SIGTERM or
-    SIGUSR1 arrives (then the run stops with status 128 + signal).
+    --state-file at every epoch end, every --save-every steps, and when SIGTERM, SIGUSR1
+    or SIGINT (Ctrl-C) arrives (then the run stops with status 128 + signal).
     """
 
     def __init__(self, args, ctx, model, raw, task, recorder):
@@ -207,21 +216,39 @@ class Trainer:
         if ckpt["kind"] == kind:
             self.ctx.print0(f"| starting from the weights in {path}")
             return False
-        self.optimizer.load_state_dict(ckpt)
-        self.scaler.load_state_dict(ckpt["scaler"])
-        # the epoch's loss sums so far, over all ranks (save_state): rank 0 carries them on
-        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
-        self.sums = list(ckpt["sums"]) if self.ctx.main else [0.0, 0.0]
-        self.best, self.train_log, self.val_log = ckpt["best"], ckpt["train_log"], ckpt["val_log"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-        for gen, state in zip(self.task.generators, ckpt["rng"]["generators"]):
-            gen.set_state(state)
+        try:
+            self._restore(ckpt)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+            raise UserError(f"{path} is a damaged state file ({describe_error(e)}); delete it to "
+                            "start the run over") from None
         if self.ctx.world > 1:  # dropout draws per rank; rank 0's state was saved
             torch.manual_seed(self.args.seed + self.ctx.rank + 7919 * (self.epoch * 100003 + self.step))
         self.ctx.print0(f"| resuming from {path}: epoch {self.epoch}, {self.step} batches done")
         return True
+
+    def _restore(self, ckpt):
+        """The run's state from a state file's dict (but the model, loaded already)."""
+        epoch, step, sums = ckpt["epoch"], ckpt["step"], [float(x) for x in ckpt["sums"]]
+        if not (isinstance(epoch, int) and isinstance(step, int) and 1 <= epoch
+                and 0 <= step <= self.task.steps and len(sums) == 2):
+            raise ValueError(f"epoch {epoch!r}, step {step!r}, sums {sums!r}")
+        if not all(isinstance(ckpt[k], list) for k in ("train_log", "val_log")):
+            raise TypeError("the loss logs are not lists")
+        self.optimizer.load_state_dict(ckpt)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        # the epoch's loss sums so far, over all ranks (save_state): rank 0 carries them on
+        self.epoch, self.step = epoch, step
+        self.sums = sums if self.ctx.main else [0.0, 0.0]
+        self.best, self.train_log, self.val_log = ckpt["best"], ckpt["train_log"], ckpt["val_log"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        generators = ckpt["rng"]["generators"]
+        if len(generators) != len(self.task.generators):
+            raise ValueError(f"{len(generators)} random generators where the task has "
+                             f"{len(self.task.generators)}")
+        for gen, state in zip(self.task.generators, generators):
+            gen.set_state(state)
 
     def save_state(self):
         if not self.args.state_file:
@@ -242,7 +269,8 @@ class Trainer:
     def fit(self):
         """Run the remaining epochs, then load the kept model (task.keep) into raw;
         returns the (train, valid) loss logs."""
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        handlers = {s: signal.signal(s, self._on_signal)
+                    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
             while self.epoch <= self.args.epochs:
                 start = time.time()
@@ -256,6 +284,8 @@ class Trainer:
                 if self.args.dry_run:
                     break
                 self.save_state()
+                if self.epoch <= self.args.epochs and self.ctx.any(self.signal is not None):
+                    self._stopped()  # a signal during validation: the state is saved
         finally:
             self._finish_profile()  # a run that stops early still writes what it recorded
             for s, h in handlers.items():
@@ -300,8 +330,20 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         self.signal = signum  # acted on at the next step boundary
+        if signum == signal.SIGINT:  # Ctrl-C: a second one stops at once (KeyboardInterrupt)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.ctx.main:
+                print("\n| Ctrl-C: stopping after this step to save the run's state (Ctrl-C "
+                      "again to stop at once, losing what was done since the last save)",
+                      file=sys.stderr, flush=True)
+            return
         print(f"| rank {self.ctx.rank}: signal {signum} received, stopping after this step",
               file=sys.stderr, flush=True)
+
+    def _stopped(self):
+        self.ctx.print0(f"| stopped at epoch {self.epoch}, batch {self.step}; state saved to "
+                        f"{self.args.state_file}: run the same command with --resume to go on")
+        raise dist.Stopped(self.signal or signal.SIGTERM)
 
     def train_epoch(self, epoch):
         """Train one epoch from self.step on; returns its mean loss over the ranks.
@@ -358,9 +400,7 @@ class Trainer:
                 total, counted = torch.zeros_like(total), 0
                 self.save_state()
                 if stop:
-                    ctx.print0(f"| stopped at epoch {epoch}, batch {self.step}; state saved to "
-                               f"{args.state_file}: run the same command with --resume to go on")
-                    raise dist.Stopped(self.signal or signal.SIGTERM)
+                    self._stopped()
         self._finish_profile()
         self._check(first_bad, epoch)
         loss_sum, count = ctx.all_sum([self.sums[0] + total.item(), self.sums[1] + counted])

@@ -134,6 +134,55 @@ def add_corpus_flags(p, default, choices, task):
                         "CPU machine ahead of a GPU job that reads them from --cache-dir")
 
 
+def describe_error(e, limit=120):
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
+def check_version(path, what, version, reads):
+    """Refuse a file whose format version this code does not read (reads: the versions it
+    does), with one line naming the file, its version and those versions."""
+    if version in reads:
+        return
+    newer = isinstance(version, int) and version > max(reads)
+    raise UserError(
+        f"{path} is a {what} of format version {version}, "
+        f"{'newer than the versions' if newer else 'not a version'} this code reads "
+        f"({', '.join(map(str, reads))}): "
+        + ("use the version of this project that wrote it" if newer else "make it again with this one"))
+
+
+def sync_folder(folder):
+    """fsync a folder, so that a rename in it survives a power loss (where the operating
+    system allows opening a folder: not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder
+    finally:
+        os.close(fd)
+
+
+def check_tensors(state, want, path):
+    """Refuse (one line) weights whose names, shapes or kinds differ from want's."""
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        raise UserError(f"{path} does not fit the model its configuration describes: "
+                        + (f"no tensor {missing[0]}" if missing else f"an unknown tensor {extra[0]}")
+                        + f"{f' and {len(missing) + len(extra) - 1} more' if len(missing) + len(extra) > 1 else ''}"
+                        "; the file is damaged or not from this model")
+    for name, tensor in want.items():
+        if tuple(state[name].shape) != tuple(tensor.shape) or not state[name].is_floating_point():
+            raise UserError(f"{path}: tensor {name} is {state[name].dtype} of shape "
+                            f"{tuple(state[name].shape)} where the model has {tuple(tensor.shape)}; "
+                            "the file is damaged or its configuration does not match its weights")
+
+
 def check_positive(args, *names):
     for name in names:
         value = getattr(args, name)

@@ -2,6 +2,7 @@
 non-finite losses, atomic writes, and a table of bad inputs."""
 import argparse
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -189,7 +190,26 @@ def workdir(tmp_path_factory):
     (d / "corrupt_vocab.pt").write_bytes(b"\x80\x04\x95 pickled vocabulary")
     torch.save({"format": "bert-example", "kind": "encoder", "x": Payload()}, d / "evil.pt")
     (d / "afolder").mkdir()
+    newer = torch.load(d / "mlm_bert.pt", weights_only=True)
+    torch.save({**newer, "version": checkpoint.VERSION + 1}, d / "newer.pt")
+    (d / "newervocab.txt").write_text((d / "torchtext_bert_vocab.pt").read_text().replace(
+        data.VOCAB_HEADER, f"# bert-example vocabulary v{data.VOCAB_VERSION + 1}"))
+    _transformers_folder(d / "hf", hidden_size=24)  # its weights are 16 wide
     return d
+
+
+def _transformers_folder(folder, **edits):
+    """A transformers BERT folder (config.json, pytorch_model.bin, vocab.txt), its config
+    edited."""
+    import hf
+    from model import BertModel
+    folder.mkdir()
+    itos = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(20)]
+    (folder / "vocab.txt").write_text("\n".join(itos) + "\n")
+    enc = BertModel(len(itos), 16, 2, 32, 1, 0.0, layer_norm_eps=1e-12, inner_dropout=False)
+    config = {**hf.config_to_hf(enc.config, "BertModel"), **edits}
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(hf.encoder_to_hf(enc.state_dict(), 1), folder / "pytorch_model.bin")
 
 
 QA = ["--train-file", "train.json", "--dev-file", "dev.json", "--bert-model", "mlm_bert.pt"]
@@ -210,6 +230,13 @@ BAD_INPUTS = [  # (what, script, flags, the message the user sees, in part)
     ("full-task checkpoint where an encoder is expected", "ns_task.py", ["--bert-model", "full_mlm_model.pt"],
      "'mlm_task' checkpoint where 'encoder' is expected"),
     ("missing --bert-model", "qa_task.py", [*QA, "--bert-model", "nope.pt"], "checkpoint nope.pt not found"),
+    ("checkpoint from a newer version of this project", "ns_task.py", ["--bert-model", "newer.pt"],
+     "newer.pt is a checkpoint of format version 2, newer than the versions this code reads (1)"),
+    ("vocabulary file from a newer version", "mlm_task.py", [*M, "--save-vocab", "newervocab.txt"],
+     "is a vocabulary file of format version 2, newer than the versions this code reads (1)"),
+    ("transformers config.json that does not fit its weights", "qa_task.py",
+     [*QA, "--bert-model", "hf", "--tokenizer", "wordpiece"],
+     "config.json: hidden_size is 24, but the weights' embeddings.word_embeddings.weight has shape (25, 16)"),
     ("checkpoint that would run code", "qa_task.py", [*QA, "--bert-model", "evil.pt"],
      "evil.pt is not a checkpoint this project can read"),
     ("unknown --dataset", "mlm_task.py", ["--dataset", "PTB"], "argument --dataset: invalid choice: 'PTB'"),
@@ -249,3 +276,114 @@ def test_bad_input(workdir, what, script, flags, message):
             pairs = dict(zip(args[::2], args[1::2]))  # a flag given twice: the last one counts
             shown = " ".join(f"{k} {v}" for k, v in pairs.items())
             f.write(f"| {what} | `python {script} {shown}` | `{err[0]}` |\n")
+
+
+# ----------------------------------------------------------------- versions, one writer, Ctrl-C, durable writes
+
+def test_files_of_other_format_versions_are_refused_naming_the_versions(tmp_path):
+    from model import BertModel
+    enc = BertModel(20, 8, 2, 16, 1, 0.0)
+    path = tmp_path / "enc.pt"
+    for version, word in ((2, "newer than the versions"), (0, "not a version")):
+        torch.save({**checkpoint.header("encoder", enc.config, "fp", model=enc.state_dict()),
+                    "version": version}, path)
+        with pytest.raises(utils.UserError, match=rf"enc.pt is a checkpoint of format version {version}, "
+                                                  rf"{word} this code reads \(1\)"):
+            checkpoint.load(path, "encoder")
+    for version, word in ((2, "newer than the versions"), (0, "not a version")):
+        (tmp_path / "v.txt").write_text(f"# bert-example vocabulary v{version}\n" + "\n".join(data.SPECIALS))
+        with pytest.raises(utils.UserError, match=rf"v.txt is a vocabulary file of format version "
+                                                  rf"{version}, {word} this code reads \(1\)"):
+            data.Vocab.load(tmp_path / "v.txt")
+    # results files: the first line says the version; files from before it are read
+    rec = monitor.Recorder(str(tmp_path / "r.jsonl"))
+    rec.start(append=False)
+    rec.write(dict(record="valid", epoch=1, loss=1.0))
+    rec.close()
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert '"record": "format"' in lines[0] and '"version": 1' in lines[0]
+    assert [r["record"] for r in monitor.read_results(tmp_path / "r.jsonl")] == ["valid"]
+    (tmp_path / "old.jsonl").write_text(lines[1] + "\n")
+    assert [r["record"] for r in monitor.read_results(tmp_path / "old.jsonl")] == ["valid"]
+    (tmp_path / "new.jsonl").write_text(lines[0].replace('"version": 1', '"version": 2') + "\n" + lines[1])
+    with pytest.raises(utils.UserError, match=r"new.jsonl is a results file of format version 2, newer"):
+        monitor.read_results(tmp_path / "new.jsonl")
+
+
+def test_a_second_run_on_the_same_files_is_refused_and_a_dead_ones_lock_never_blocks(tmp_path):
+    import socket
+    wt = write_wikitext(tmp_path / "wt", (300, 40, 40))
+    first = _start(tmp_path, wt, "--epochs", "100")
+    _wait_for(first, "| epoch   1 |     2/")
+    second = run_script("mlm_task.py", "--data-dir", wt, *TINY, *RUN, cwd=tmp_path, check=False)
+    err = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(err) == 1, second.stderr
+    assert (f"another run is writing these files: process {first.pid} on {socket.gethostname()} "
+            f"holds .mlm_state.pt.lock; wait for it to end") in err[0]
+    assert "| epoch" not in second.stdout  # refused before training
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    third = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", cwd=tmp_path)
+    assert third.returncode == 0  # the dead run's lock went with it
+
+
+def test_ctrl_c_stops_at_the_next_step_and_saves_the_state(tmp_path):
+    wt = write_wikitext(tmp_path / "wt", (300, 40, 40))
+    proc = _start(tmp_path, wt, "--save-every", "0", "--epochs", "20")
+    _wait_for(proc, "| epoch   1 |     3/")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    assert "Ctrl-C: stopping after this step to save the run's state" in err
+    assert "state saved to mlm_state.pt: run the same command with --resume to go on" in out
+    state = torch.load(tmp_path / "mlm_state.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] >= 3
+    resumed = run_script("mlm_task.py", "--data-dir", wt, *TINY, *RUN, "--resume", "--epochs", "1",
+                         cwd=tmp_path)
+    assert f"resuming from mlm_state.pt: epoch 1, {state['step']} batches done" in resumed.stdout
+
+
+def test_a_second_ctrl_c_stops_at_once_leaving_every_file_whole(tmp_path, monkeypatch, capsys):
+    """After the first Ctrl-C the default handler is back, so a second raises
+    KeyboardInterrupt where the run is; a file being written is not left half-written, and
+    the script ends with one line and status 130."""
+    trainer = _trainer(tmp_path, [1.0] * 4)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, trainer._on_signal)
+        trainer._on_signal(signal.SIGINT, None)
+        assert trainer.signal == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"good")
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.atomic_write(target, interrupted)
+    assert target.read_bytes() == b"good" and sorted(os.listdir(tmp_path)) == ["state.pt"]
+
+    def main(args):
+        raise KeyboardInterrupt
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        dist._run(main, argparse.Namespace(), (), "mlm_task.py")
+    assert e.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == ("mlm_task.py: interrupted (Ctrl-C); every file is whole: "
+                                               "as it was, or written to the end")
+
+
+def test_atomic_writes_sync_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import stat
+    target, synced, real = tmp_path / "a.txt", [], os.fsync
+
+    def fsync(fd):
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), target.exists()))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    checkpoint.atomic_write_text(target, "text")
+    assert synced == [(False, False), (True, True)]  # the file, not yet renamed; then its folder
+    assert target.read_text() == "text"

@@ -105,6 +105,7 @@ def _files(folder):
     (lambda f: _edit(f, version=0), "format version 0, this code writes 1"),
     (lambda f: _edit(f, vocab_fingerprint="other"), "another vocabulary"),
     (lambda f: _edit(f, tokens="many"), "manifest.json is incomplete"),
+    (lambda f: _edit(f, dtype="float64"), "manifest.json is incomplete"),
     (lambda f: f.joinpath("lines.idx").write_bytes(b"\1" * f.joinpath("lines.idx").stat().st_size),
      "lines.idx is damaged"),
 ])
@@ -142,7 +143,8 @@ def test_a_changed_source_or_vocabulary_is_rebuilt(tmp_path, wikitext, capsys):
 def test_a_store_of_a_newer_format_is_refused(tmp_path, wikitext):
     first, vocab = _stores(tmp_path, wikitext)
     _edit(first["train"].store.folder, version=store.VERSION + 1)
-    with pytest.raises(utils.UserError, match=r"format version 2, newer than this code reads \(1\)"):
+    with pytest.raises(utils.UserError, match=r"manifest.json is a token store's manifest of format "
+                                              r"version 2, newer than the versions this code reads \(1\)"):
         _stores(tmp_path, wikitext, vocab=vocab)
 
 
