@@ -103,7 +103,7 @@ def measure(copies, wikitext, work):
     (work / "vocab.txt").unlink(missing_ok=True)
     mlm = [str(ROOT / "mlm_task.py"), "--dataset", "BookCorpus", "--data-dir", str(books),
            "--cache-dir", str(cache), "--save-vocab", "vocab.txt", *TINY]
-    cold, cold_peak, out = run(mlm, work)
+    cold, _, out = run(mlm, work)
     tokens = sum(int(n) for n in re.findall(r"\| (?:train|valid|test): (\d+) tokens", out))
     warm, one, _ = run(mlm, work)
     _, two, _ = run(mlm, work, nproc=2)
@@ -114,7 +114,7 @@ def measure(copies, wikitext, work):
     shutil.rmtree(books)
     return dict(K=copies, tokens=tokens, cold=cold, build=tokens / max(cold - warm, 1e-9),
                 warm=warm, one=one[0], two=[two[r] for r in sorted(two)], ns=ns_peak[0],
-                cold_peak=cold_peak[0], store=folder_bytes(cache))
+                store=folder_bytes(cache))
 
 
 def build_scaling(wikitext, work, copies):
