@@ -19,6 +19,7 @@ in turns (one step of each per round), so that a machine whose speed drifts duri
 run (a shared one) weighs on all of them alike.
 """
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 
 import corpus
 import data
+import cpu_kernels
 import samples
 import store
 import train
-from model import MAX_POSITIONS, BertModel, MLMTask, QuestionAnswerTask, flops_per_token
+from model import MAX_POSITIONS, BertModel, MLMTask, QuestionAnswerTask
 from utils import autocast
 
 
@@ -81,11 +83,12 @@ def parse(argv=None):
                    help="torch.compile this project's model (MODE as the tasks' --compile)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                    help="the update of every step (adamw: fused where torch has it, as in the tasks)")
-    p.add_argument("--adamw-kernel", choices=["fused", "default"], default="fused",
-                   help="as the tasks' --adamw-kernel")
-    p.add_argument("--loss-kernel", choices=["fused", "default"], default="fused",
-                   help="as mlm_task.py --loss-kernel; with fused on the CPU, the masked-LM step "
-                        "with torch's default loss is timed in the same rounds too")
+    p.add_argument("--cpu-kernels", choices=["on", "off"], default="on",
+                   help="as the tasks' --cpu-kernels: this project's steps with cpu_kernels.py's CPU "
+                        "kernels, or on model.py's plain PyTorch path")
+    p.add_argument("--kernels", action="store_true",
+                   help="on the CPU, also time this project's steps on the plain path and with "
+                        "each of cpu_kernels.py's kernels alone, in the same rounds: what each buys")
     p.add_argument("--tie-weights", action="store_true",
                    help="the masked-LM output projection is the word embedding matrix")
     p.add_argument("--mask-draw", choices=["per-token", "per-sequence"], default="per-token",
@@ -101,6 +104,17 @@ def parse(argv=None):
         for k, v in RECIPE.items():
             setattr(a, k, v)
     return a
+
+
+def flops_per_token(config, seq_len, masked_frac=1.0, last_frac=1.0):
+    """Approximate training FLOPs per token (forward + backward = 3x forward matmuls)."""
+    e, f, n, v = config["ninp"], config["nhid"], config["nlayers"], config["ntoken"]
+    per_layer = 2 * (4 * e * e + 2 * e * f) + 2 * 2 * seq_len * e  # projections + attention
+    head = 2 * (e * e + e * v) * masked_frac
+    # MLMTask's last layer projects queries, keys and values everywhere and the rest
+    # only at the masked positions: last_frac is the share of positions it computes.
+    last = 2 * 3 * e * e + last_frac * (per_layer - 2 * 3 * e * e)
+    return 3 * ((n - 1) * per_layer + last + head)
 
 
 def card_peak(device, given=None):
@@ -159,8 +173,7 @@ def make_optimizer(model, a):
     if a.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=1e-3)
     params = list(model.parameters())
-    fused = a.adamw_kernel == "fused" and train.fused_adamw(params)
-    return torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
+    return torch.optim.AdamW(params, lr=1e-4, fused=train.fused_adamw(params) or None)
 
 
 def train_step(model, opt, device, amp, forward):
@@ -211,7 +224,8 @@ def main():
           f"batch {a.batch} x seq {a.seq} | {a.nlayers} layers x {a.emsize}, {a.nhead} heads, "
           f"{a.nhid} hidden, vocab {a.vocab}{', tied' if a.tie_weights else ''}, dropout {a.dropout:g}"
           f"{' (none in the FFN)' if a.no_ffn_dropout else ''} | amp {a.amp} | "
-          f"{a.optimizer}{' (' + a.adamw_kernel + ')' if a.optimizer == 'adamw' else ''} | masks {a.mask_draw} | compile {a.compile or 'off'}")
+          f"{a.optimizer} | masks {a.mask_draw} | compile {a.compile or 'off'} | CPU kernels "
+          f"{a.cpu_kernels}")
     peak32 = peak_gemm(device, torch.float32)
     peak = peak_gemm(device, torch.bfloat16) if a.amp == "bf16" else peak32
     print(f"| peak GEMM measured: fp32 {peak32 / 1e9:.0f} GFLOP/s"
@@ -233,27 +247,31 @@ def main():
 
     encoder = BertModel(a.vocab, a.emsize, a.nhead, a.nhid, a.nlayers, a.dropout,
                         inner_dropout=not a.no_ffn_dropout)
-    mlm = MLMTask.on(encoder, tie_weights=a.tie_weights).to(device)
-    qa = QuestionAnswerTask(mlm.bert_model).to(device)
-    cfg = mlm.bert_model.config
-    mode = None if a.compile in (None, "default") else a.compile
-    run_mlm = torch.compile(mlm, mode=mode) if a.compile else mlm
-    run_qa = torch.compile(qa, mode=mode) if a.compile else qa
-
+    plain_mlm = MLMTask.on(encoder, tie_weights=a.tie_weights).to(device)
+    cfg = plain_mlm.bert_model.config
     predicted = (targets != -100).sum()
+    mode = None if a.compile in (None, "default") else a.compile
 
-    def ours_mlm(m, fused=a.loss_kernel == "fused"):  # the mean, as transformers' loss;
-        # mlm_task.py's head computes the sum
-        return run_mlm(inputs, **mlm_input, targets=targets, fused_loss=fused) / predicted
+    def steps(name, kinds):
+        """(name, masked-LM model, its step's forward, QA model, its forward) with these
+        of cpu_kernels.py's kernels, on a copy of the same weights."""
+        mlm = cpu_kernels.install(copy.deepcopy(plain_mlm), kinds)
+        qa = QuestionAnswerTask(mlm.bert_model).to(device)
+        run_mlm = torch.compile(mlm, mode=mode) if a.compile else mlm
+        run_qa = torch.compile(qa, mode=mode) if a.compile else qa
 
-    # With the fused loss on the CPU, also the step with torch's default loss, for the ratio
-    both = a.loss_kernel == "fused" and device.type == "cpu" and not a.compile
-    default_loss = (("this project, masked LM, default loss", mlm,
-                     lambda m: ours_mlm(m, fused=False), flops_per_token(cfg, a.seq, frac, frac)),)
+        def ours_mlm(m):  # the mean, as transformers' loss; mlm_task.py's head computes the sum
+            return run_mlm(inputs, **mlm_input, targets=targets) / predicted
 
-    def ours_qa(m):
-        s, e = run_qa(inputs)
-        return (F.cross_entropy(s.float(), starts) + F.cross_entropy(e.float(), ends)) / 2
+        def ours_qa(m):
+            s, e = run_qa(inputs)
+            return (F.cross_entropy(s.float(), starts) + F.cross_entropy(e.float(), ends)) / 2
+        return name, mlm, ours_mlm, qa, ours_qa
+
+    variants = [steps("this project", cpu_kernels.KINDS if a.cpu_kernels == "on" else ())]
+    if a.kernels and device.type == "cpu" and not a.compile:
+        variants += [steps("this project, plain", ())]
+        variants += [steps(f"this project, {kind} kernel alone", (kind,)) for kind in cpu_kernels.KINDS]
 
     # (name, amp, step, flops per token): every step is timed in the same rounds.
     # This project's steps in fp32 too when --amp bf16 (not with --amp-only): the bf16
@@ -261,12 +279,12 @@ def main():
     precisions = [a.amp] if a.amp_only else list(dict.fromkeys(["none", a.amp]))
     runs = []
     for amp in precisions:
-        for name, model, fwd, fpt in (
-                ("this project, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
-                ("this project, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0)),
-                *(default_loss if both else ())):
-            opt = make_optimizer(model, a)
-            runs.append((name, amp, train_step(model, opt, device, amp, fwd), fpt))
+        for who, mlm, ours_mlm, qa, ours_qa in variants:
+            for name, model, fwd, fpt in (
+                    (f"{who}, masked LM", mlm, ours_mlm, flops_per_token(cfg, a.seq, frac, frac)),
+                    (f"{who}, QA", qa, ours_qa, flops_per_token(cfg, a.seq, 0.0))):
+                opt = make_optimizer(model, a)
+                runs.append((name, amp, train_step(model, opt, device, amp, fwd), fpt))
     hf = hf_models(a)
     if hf is None:
         print("| transformers is not installed (pip install transformers): no comparison")
@@ -295,12 +313,12 @@ def main():
     label = {"none": "fp32", "bf16": "bf16"}
     # The ratio to transformers' step in each timed precision, both kinds of step.
     base = {(kind, amp): t for name, amp, t, _ in rows if name.startswith("transformers")
-            for kind in [name.split(", ")[1]]}
+            for kind in [name.split(", ")[-1]]}
     heads = [f"vs transformers {label[amp]}" for amp in precisions]
     print(f"| {'step':42s} | {'amp':4s} | {'ms/step':>9s} | {'tokens/s':>9s} | {'of peak':>7s} |"
           f"{mfu_head}" + "".join(f" {h:>20s} |" for h in heads))
     for name, amp, t, fpt in rows:
-        kind = name.split(", ")[1]
+        kind = name.split(", ")[-1]
         share = fpt * tokens / t / (peak if amp == "bf16" else peak32)
         ratios = [f"{base[(kind, b)] / t:.2f}x" if (kind, b) in base else "-" for b in precisions]
         mfu = f" {fpt * tokens / t / card[1]:5.3f} |" if card else ""
@@ -312,11 +330,13 @@ def main():
         print("| " + a.amp + " speed-up of this project's steps over its fp32 ones: " + ", ".join(
             f"{kind} {own[(name, 'none')] / own[(name, a.amp)]:.2f}x"
             for name, kind in (("this project, masked LM", "masked LM"), ("this project, QA", "QA"))))
-    if both:
-        mlm_name = "this project, masked LM"
-        print("| the fused masked-LM loss's speed-up of the step over torch's default loss: "
-              + ", ".join(f"{label[amp]} {own[(mlm_name + ', default loss', amp)] / own[(mlm_name, amp)]:.2f}x"
-                          for amp in precisions))
+    if len(variants) > 1:  # --kernels: the plain step's time over each one's
+        for who in ["this project"] + [v[0] for v in variants[2:]]:
+            ratios = [f"{kind} {label[amp]} "
+                      f"{own[('this project, plain, ' + kind, amp)] / own[(who + ', ' + kind, amp)]:.2f}x"
+                      for amp in precisions for kind in ("masked LM", "QA")]
+            print(f"| speed-up over the plain path, {'every kernel' if who == 'this project' else who}: "
+                  + ", ".join(ratios))
 
     # The data pipeline alone: what a training loop does per batch besides the model (for
     # masked LM: shuffled blocks read from a token store, masked).
@@ -339,8 +359,7 @@ def main():
     feats += [torch.randint(0, a.seq, (a.batch * 200,), device=device) for _ in range(2)]
     batches = data.Batches(*feats, batch_size=a.batch, shuffle=True)
     t_qa = timed(lambda: list(batches), 3, device) / len(batches)
-    step_mlm, step_qa = (next(t for name, amp, t, _ in rows if amp == a.amp and name.endswith(kind))
-                         for kind in ("masked LM", "QA"))
+    step_mlm, step_qa = (own[(f"this project, {kind}", a.amp)] for kind in ("masked LM", "QA"))
     print(f"| data pipeline: MLM {1 / t_mlm:,.0f} batches/s ({100 * t_mlm / step_mlm:.2f}% of this "
           f"project's MLM step), QA {1 / t_qa:,.0f} batches/s ({100 * t_qa / step_qa:.2f}% of its QA step)")
 

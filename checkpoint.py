@@ -229,8 +229,7 @@ def check_fit(ckpt, path, config, vocab_fingerprint):
 
 
 # the flags that add a task layer, by the layer's name
-LAYER_FLAGS = {"match_embed": "--match-feature", "shape_embed": "--shape-feature",
-               "neighbour_embed": "--match-neighbours"}
+LAYER_FLAGS = {"match_embed": "--match-feature", "shape_embed": "--shape-feature"}
 
 
 def check_heads(state, model, path):
@@ -284,8 +283,7 @@ def build(ckpt, path):
         else:
             model = QuestionAnswerTask(encoder, match_feature="match_embed.weight" in state,
                                        head=ckpt.get("qa_head", "original"),
-                                       shape_feature="shape_embed.weight" in state,
-                                       match_neighbours="neighbour_embed.weight" in state)
+                                       shape_feature="shape_embed.weight" in state)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise UserError(f"{path}: the task model it describes cannot be built ({e}); the file "
                         "is damaged") from None

@@ -19,7 +19,6 @@ folder then holds the model alone, and its ids must come from this project's tok
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -75,7 +74,6 @@ def check(model, arch, out):
 
 def main(argv=None):
     a = parse(argv)
-    a.bert_model = a.model  # not a transformers folder: wordpiece.from_args reads the flags
     _, vocab = wordpiece.from_args(a)
     ckpt = checkpoint.load(a.model, ("encoder", "mlm_task", "ns_task", "qa_task"))
     checkpoint.check_fit(ckpt, a.model, ckpt["config"], vocab.fingerprint)  # the vocabulary

@@ -1,8 +1,8 @@
 """transformers BERT checkpoints in and out: a folder with config.json, model.safetensors
 (or pytorch_model.bin) and vocab.txt becomes this project's model, and back.
 
-    python hf.py --model qa_model.pt --save-vocab vocab.txt --out qa_hf/   # export a model
-    python -c "import hf; print(hf.read_folder('DIR').config)"             # import one
+    imported = hf.read_folder("DIR")        # import (checkpoint.load_encoder does it for --bert-model)
+    hf.write_folder(model, "OUT", itos)     # export (export.py is the command)
 
 Import maps BertModel, BertForPreTraining, BertForMaskedLM, BertForNextSentencePrediction
 and BertForQuestionAnswering weights onto model.py's modules; what cannot be mapped is
@@ -13,10 +13,8 @@ BertForNextSentencePrediction, a QA model with BERT's span head as
 BertForQuestionAnswering. The weights are read with safetensors (or torch.load with
 weights_only=True), never with pickle.
 """
-import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 

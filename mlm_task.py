@@ -21,7 +21,7 @@ import samples
 import train
 import utils
 import wordpiece
-from model import MAX_POSITIONS, BertModel, MLMTask, count_parameters
+from model import LAYOUTS, MAX_POSITIONS, BertModel, MLMTask, count_parameters
 
 
 def build_parser():
@@ -33,18 +33,14 @@ def build_parser():
     add("--nlayers", type=int, default=12, help="number of layers")
     add("--nhead", type=int, default=12, help="the number of heads in the encoder")
     add("--dropout", type=float, default=0.2, help="dropout applied to layers (0 = no dropout)")
-    add("--norm-first", action="store_true",
-        help="pre-LayerNorm encoder layers (LayerNorm before attention and FFN, one after the "
-             "last layer) instead of BERT's and the original's post-LayerNorm ones. Stored in "
-             "the checkpoint: ns_task.py and qa_task.py follow it")
-    add("--no-ffn-dropout", action="store_true",
-        help="no dropout inside the feed-forward block, after its activation: BERT's layout "
-             "(the original's layers, torch's TransformerEncoderLayer, have one). Stored in "
-             "the checkpoint: ns_task.py and qa_task.py follow it")
-    add("--layer-norm-eps", type=float, default=1e-5,
-        help="epsilon of the encoder's LayerNorms: the original's 1e-5, or BERT's 1e-12, which "
-             "its masked-LM head has too (export.py writes the masked-LM model of the latter "
-             "only). Stored in the checkpoint")
+    add("--layout", type=str, default="original", choices=sorted(LAYOUTS),
+        help="the encoder's layers: 'original', post-LayerNorm with dropout inside the "
+             "feed-forward block and LayerNorm epsilon 1e-5 (the original's, torch's "
+             "TransformerEncoderLayer); 'bert', BERT's: no dropout there, epsilon 1e-12, as "
+             "transformers' BERT (export.py writes its masked-LM model); 'pre-ln', "
+             "pre-LayerNorm layers (a LayerNorm before attention and the feed-forward block, "
+             "one after the last layer). Stored in the checkpoint: ns_task.py and qa_task.py "
+             "follow it")
     add("--tie-weights", action="store_true",
         help="use the word embeddings as the masked-LM output projection, as BERT does (the "
              "original keeps a separate one)")
@@ -55,16 +51,8 @@ def build_parser():
     add("--mask-draw", type=str, default="per-token", choices=["per-token", "per-sequence"],
         help="'per-token': each token is masked with probability --mask_frac, at least one "
              "per batch (the original); 'per-sequence': BERT's, exactly round(--mask_frac x "
-             "length) tokens per sequence (at most --max-predictions), a step whose shapes "
-             "never wait for the device, for fast GPU steps and --compile")
-    add("--max-predictions", type=int, default=0, metavar="P",
-        help="with --mask-draw per-sequence, mask at most P tokens per sequence (BERT's "
-             "max_predictions_per_seq; 0: no cap)")
-    add("--loss-kernel", type=str, default="fused", choices=["fused", "default"],
-        help="the masked-LM loss on the CPU: 'fused', the vocabulary scores written once and "
-             "their softmax taken a few rows at a time in the cache (a faster step at a large "
-             "vocabulary); 'default', torch's linear and cross_entropy (the same loss rounded "
-             "differently). On a GPU, and with --compile: torch's")
+             "length) tokens per sequence, a step whose shapes never wait for the device, for "
+             "fast GPU steps and --compile")
     add("--order", type=str, default="shuffled", choices=["shuffled", "sequential"],
         help="the order of the training blocks: 'shuffled', anew each epoch (a function of "
              "--seed, the epoch and the position, the same for any number of processes); "
@@ -75,8 +63,6 @@ def build_parser():
     add("--save-full", type=str, default="full_mlm_model.pt",
         help="where to keep the best full model (encoder and MLM head)")
     add("--loss-log", type=str, default="mlm_loss.txt", help="the loss log written at the end")
-    utils.add_freeze_flag(p, "at their random initialisation: the encoder learns to read fixed, "
-                          "nearly orthogonal word vectors")
     return p
 
 
@@ -85,18 +71,8 @@ def check_args(args):
                          "bptt", "log_interval", "lr")
     if args.emsize % args.nhead:
         raise utils.UserError(f"--nhead {args.nhead} must divide --emsize {args.emsize}")
-    if args.tie_weights and args.freeze_embeddings:
-        raise utils.UserError("--tie-weights makes the word embeddings the output projection, "
-                              "which --freeze-embeddings would fix too; pass one of them")
     if not 0.0 < args.mask_frac < 1.0:
         raise utils.UserError(f"--mask_frac must be between 0 and 1, got {args.mask_frac}")
-    if args.max_predictions < 0:
-        raise utils.UserError(f"--max-predictions must be 0 (no cap) or positive, got "
-                              f"{args.max_predictions}")
-    if args.max_predictions and args.mask_draw != "per-sequence":
-        raise utils.UserError("--max-predictions caps --mask-draw per-sequence: add it")
-    if not 0.0 < args.layer_norm_eps < 1.0:
-        raise utils.UserError(f"--layer-norm-eps must be between 0 and 1, got {args.layer_norm_eps}")
     if not 0.0 <= args.dropout < 1.0:
         raise utils.UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.bptt + 1 > MAX_POSITIONS:
@@ -143,7 +119,7 @@ def prepare_vocab(args, dataset, sources, ctx):
 
 def mlm_loss(args, vocab, generator, ctx, train=True):
     """loss_fn(model, block) for the Trainer (mean loss) or train.evaluate (sums), masking
-    as --mask_frac, --mask-mode, --mask-draw and --max-predictions say.
+    as --mask_frac, --mask-mode and --mask-draw say.
 
     block (B * world, bptt) is the global batch: every rank draws the same masks for
     all of it from the same generator, then runs its own rows (ctx.rows, the sharding
@@ -156,24 +132,21 @@ def mlm_loss(args, vocab, generator, ctx, train=True):
         inputs, masked, _ = data.mask_tokens(tokens, args.mask_frac, len(vocab), args.mask_mode,
                                              generator, vocab.roles)
         mine = ctx.rows(block.size(0))
-        # summed over the M masked tokens; the model's head computes it (--loss-kernel)
-        loss = model(inputs[mine], masked_positions=masked[mine], targets=tokens[mine][masked[mine]],
-                     fused_loss=fused)
+        # summed over the M masked tokens; the model's head computes it
+        loss = model(inputs[mine], masked_positions=masked[mine], targets=tokens[mine][masked[mine]])
         return loss, masked.sum(), masked[mine].sum()
 
     def per_sequence(model, block):
         tokens = data.add_cls(block, vocab.roles.cls)
         inputs, index, valid, targets = data.mask_per_sequence(
-            tokens, args.mask_frac, len(vocab), args.mask_mode, generator, vocab.roles,
-            args.max_predictions)
+            tokens, args.mask_frac, len(vocab), args.mask_mode, generator, vocab.roles)
         mine = ctx.rows(block.size(0))
-        loss = model(inputs[mine], masked_index=index[mine], fused_loss=fused,
+        loss = model(inputs[mine], masked_index=index[mine],
                      targets=targets[mine].masked_fill(~valid[mine], -100))  # (B, P) targets
         # clamp: a batch without a maskable token gives loss 0, with no check on the host
         return loss, valid.sum().clamp(min=1), valid[mine].sum()
 
     draw = per_sequence if args.mask_draw == "per-sequence" else per_token
-    fused = getattr(args, "loss_kernel", "fused") == "fused"
 
     def loss_fn(model, block):
         loss, total, mine = draw(model, block)
@@ -227,10 +200,9 @@ def main(args):
                             start=start)
 
     raw = MLMTask.on(BertModel(len(vocab), args.emsize, args.nhead, args.nhid, args.nlayers,
-                               args.dropout, args.norm_first, args.layer_norm_eps,
-                               inner_dropout=not args.no_ffn_dropout),
+                               args.dropout, **LAYOUTS[args.layout]),
                      args.tie_weights)
-    model = train.prepare_model(raw, args, ctx, "at their random initialisation")
+    model = train.prepare_model(raw, args, ctx)
     ctx.print0(f"| model: {count_parameters(raw):,} parameters")
 
     masks = torch.Generator(device=ctx.device).manual_seed(args.seed % 2**63)
@@ -239,7 +211,7 @@ def main(args):
         # The same masks at every evaluation, so valid losses compare across epochs.
         gen = torch.Generator(device=ctx.device).manual_seed((args.seed + 1) % 2**63)
         loss_fn = mlm_loss(args, vocab, gen, ctx, train=False)
-        sums = train.evaluate(model, batches(split), loss_fn, args, ctx)
+        sums = train.evaluate(model, batches(split), loss_fn, args.amp, args.dry_run, ctx)
         loss = sums["loss"] / sums["count"]
         return dict(loss=loss, ppl=utils.safe_exp(loss))
 

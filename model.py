@@ -16,13 +16,16 @@ The layer layout follows the original example: learned positions and two
 token types, post-LayerNorm encoder layers with GELU.
 """
 import functools
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_POSITIONS = 512  # learned position table; sequences longer than this are refused
+# The encoder's layer layouts (mlm_task.py --layout): BertModel keyword arguments.
+LAYOUTS = {"original": dict(norm_first=False, inner_dropout=True, layer_norm_eps=1e-5),
+           "bert": dict(norm_first=False, inner_dropout=False, layer_norm_eps=1e-12),
+           "pre-ln": dict(norm_first=True, inner_dropout=True, layer_norm_eps=1e-5)}
 # The encoder's activations, by the names transformers' BERT configs use (gelu is exact).
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu,
                "gelu_new": functools.partial(F.gelu, approximate="tanh"),
@@ -43,161 +46,6 @@ def init_weights(module):
 def _compiling():
     check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
     return check()
-
-
-def dropout(x, p, training=True):
-    """Dropout; on the CPU with a mask drawn 16 bits per element, several times faster than F.dropout.
-
-    F.dropout on the CPU draws one random number per element through bernoulli_, which
-    made dropout a third of a small model's training step. Here one 64-bit draw gives
-    four 16-bit lanes, and an element is dropped when its lane is below p * 2**16
-    (p is honoured to 1/65536). Off the CPU, F.dropout's fused kernel is used.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or _compiling():
-        return F.dropout(x, p, True)  # compiled code fuses its own random numbers
-    n = x.numel()
-    # random_(min, None) fills int64 with all 64 bits random: four uniform 16-bit lanes,
-    # compared in one contiguous pass.
-    lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int16)
-    keep = (lanes >= round(p * 65536) - 32768)[:n].view(x.shape)
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # a float mask: the fastest product
-
-
-def _cpu_autocast_dtype():
-    """The dtype of CPU autocast where it is on, else None (torch 2.3's names too)."""
-    if hasattr(torch, "get_autocast_dtype"):  # torch 2.4 on
-        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross entropy of x @ weight.T + bias against targets (-100: ignored) on the
-    CPU, in fp32 or under bf16 autocast (bf16 GEMMs and an fp32 softmax, as autocast
-    computes them). The (M, V) scores are written once and never again in fp32: the
-    softmax runs a few rows at a time while they sit in the cache, and the probabilities
-    it leaves in the logits buffer are the backward's gradient (p - onehot). The plain
-    path (log_softmax, its backward, and under autocast a cast to fp32 and back) makes
-    about ten passes over that memory: most of a small model's masked-LM step at a
-    30,000-word vocabulary.
-
-    The logits buffer (tens of MB) is reused from step to step (_LogitsBuffer): a fresh
-    one of that size comes from the operating system every time, and filling its pages
-    took longer than the matrix product written into it. The bias gradient is summed in
-    fp32 while each chunk of probabilities is in the cache.
-    """
-    CACHE_FLOATS = 2 ** 18  # fp32 scores of one chunk of rows: 1 MiB
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets):
-        dtype = torch.bfloat16 if _cpu_autocast_dtype() == torch.bfloat16 else x.dtype
-        with torch.autocast("cpu", enabled=False):
-            xb, wb = x.to(dtype), weight.to(dtype)
-            buffer = _LogitsBuffer.take(x.size(0) * weight.size(0), dtype)
-            logits = buffer[:x.size(0) * weight.size(0)].view(x.size(0), weight.size(0))
-            if bias is None:
-                torch.mm(xb, wb.t(), out=logits)  # (M, V), bf16 or fp32
-            else:
-                torch.addmm(bias.to(dtype), xb, wb.t(), out=logits)
-            valid = targets != -100
-            all_valid = bool(valid.all())
-            picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
-            lse = torch.empty(logits.size(0))
-            keep = any(ctx.needs_input_grad)  # else an evaluation: the loss alone
-            # sum over the rows of the probabilities: the bias gradient, less the targets
-            col_sum = torch.zeros(logits.size(1)) if ctx.needs_input_grad[2] else None
-            rows = max(1, _LinearCrossEntropy.CACHE_FLOATS // max(logits.size(1), 1))
-            for i in range(0, logits.size(0), rows):
-                scores = logits[i:i + rows].float()  # in fp32: logits' own rows, in place
-                top = scores.amax(1, keepdim=True)
-                total = scores.sub_(top).exp_().sum(1, keepdim=True)
-                lse[i:i + rows] = (top + total.log()).squeeze(1)
-                if keep:
-                    scores.div_(total)  # the probabilities
-                    if not all_valid:  # ignored rows: no gradient
-                        scores.mul_(valid[i:i + rows].unsqueeze(1))
-                    if col_sum is not None:
-                        col_sum += scores.sum(0)
-                    if scores.dtype != logits.dtype:
-                        logits[i:i + rows] = scores  # back into the bf16 buffer
-            ctx.save_for_backward(xb, wb, logits, targets, valid, col_sum)
-            ctx.buffer = buffer if keep else None
-            if not keep:
-                _LogitsBuffer.give_back(buffer)
-            ctx.has_bias, ctx.used = bias is not None, False
-            ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-            return torch.where(valid, lse - picked, 0.0).sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.used:
-            raise RuntimeError("the fused masked-LM loss keeps its gradient in place and can "
-                               "be backpropagated once only (no retain_graph)")
-        ctx.used = True
-        xb, wb, grad, targets, valid, col_sum = ctx.saved_tensors
-        rows = torch.arange(grad.size(0))
-        hit = -valid.to(grad.dtype)  # the one-hot of each valid row's target
-        grad.index_put_((rows, targets.clamp(min=0)), hit, accumulate=True)
-        scale = grad_loss.float()  # applied in fp32 to the results, not rounded into grad
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
-        gx = (grad @ wb).float().mul_(scale).to(ctx.x_dtype) if need_x else None
-        gw = (grad.t() @ xb).float().mul_(scale).to(ctx.w_dtype) if need_w else None
-        gb = None
-        if need_b and ctx.has_bias:
-            gb = col_sum.index_put_((targets.clamp(min=0),), hit.float(), accumulate=True)
-            gb = gb.mul_(scale)
-        _LogitsBuffer.give_back(ctx.buffer)
-        ctx.buffer = None
-        return gx, gw, gb, None
-
-
-class _LogitsBuffer:
-    """One free buffer per dtype for _LinearCrossEntropy's logits, taken by a forward and
-    given back by its backward (or by an evaluation's forward). A forward that finds none
-    free, or too small, allocates its own; nothing is shared between two live graphs."""
-    free = {}
-
-    @classmethod
-    def take(cls, n, dtype):
-        buffer = cls.free.pop(dtype, None)
-        if buffer is None or buffer.numel() < n:
-            buffer = torch.empty(n + n // 8, dtype=dtype)  # room for the next batch's rows
-        return buffer
-
-    @classmethod
-    def give_back(cls, buffer):
-        if buffer is not None:
-            held = cls.free.get(buffer.dtype)
-            if held is None or held.numel() < buffer.numel():
-                cls.free[buffer.dtype] = buffer
-
-
-def linear_cross_entropy(x, weight, bias, targets, fused=True):
-    """F.cross_entropy(F.linear(x, weight, bias).float(), targets, reduction="sum"), with
-    -100 targets ignored; with fused, on the CPU in fp32 and under bf16 autocast,
-    _LinearCrossEntropy's (equal to the plain loss to float rounding, not bit for bit)."""
-    amp = _cpu_autocast_dtype()
-    if (fused and not _compiling() and x.device.type == "cpu" and (amp == torch.bfloat16 or (
-            amp is None and x.dtype == weight.dtype == torch.float32))):
-        return _LinearCrossEntropy.apply(x, weight, bias, targets)
-    return F.cross_entropy(F.linear(x, weight, bias).float(), targets, reduction="sum")
-
-
-class Dropout(nn.Module):
-    """nn.Dropout with the fast CPU mask of `dropout`."""
-
-    def __init__(self, p=0.5):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self):
-        return f"p={self.p}"
 
 
 class PositionalEncoding(nn.Module):
@@ -242,18 +90,13 @@ class BertEmbedding(nn.Module):
         self.embed = nn.Embedding(ntoken, ninp)
         self.tok_type_embed = TokenTypeEncoding(type_vocab_size, ninp)  # sentence types (A, B)
         self.norm = nn.LayerNorm(ninp, eps=eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, src, token_type_input=None, extra=None):
         x = self.embed(src) + self.pos_embed(src) + self.tok_type_embed(src, token_type_input)
         if extra is not None:  # a task's own input embedding (N, S, E), e.g. QA's match feature
             x = x + extra
         return self.dropout(self.norm(x))
-
-
-# Below this many keys, training under bf16 autocast on the CPU computes attention in
-# fp32 (MultiheadAttention.forward); from it on, SDPA's bf16 kernel is as fast or faster.
-BF16_FLASH_MIN_KEYS = 256
 
 
 class MultiheadAttention(nn.Module):
@@ -288,29 +131,12 @@ class MultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             # (N, S) True=pad -> (N, 1, 1, S) True=may attend, broadcast over heads and queries.
             attn_mask = ~key_padding_mask.view(n, 1, 1, k.size(2))
-        p = self.dropout if self.training else 0.0
-        if p > 0.0 and x.device.type == "cpu":
-            # SDPA's CPU kernels with dropout fall back to this same computation, with
-            # the slower mask; written out, it uses the fast one. As there, scores,
-            # softmax and the weighted sum are fp32 even for bf16 inputs (under autocast
-            # they would be rounded to bf16 twice, doubling the error).
-            with torch.autocast("cpu", enabled=False):
-                q, k, v = q.float(), k.float(), v.float()
-                scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(e // h))
-                if attn_mask is not None:
-                    scores = scores.masked_fill(~attn_mask, float("-inf"))
-                out = dropout(torch.softmax(scores, dim=-1), p) @ v  # out_proj casts it back
-        elif (x.device.type == "cpu" and k.size(2) < BF16_FLASH_MIN_KEYS and torch.is_grad_enabled()
-              and _cpu_autocast_dtype() == torch.bfloat16):
-            # Training under bf16 autocast on the CPU: at short sequences SDPA's bf16 kernel
-            # takes two to three times as long as its fp32 one, forward and backward
-            # together (docs/speed.md); fp32 is the more exact too. out_proj casts back.
-            with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                     attn_mask=attn_mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        out = self.attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(n, s, e))
+
+    def attention(self, q, k, v, attn_mask, p):
+        """(N, H, Q, D) queries, (N, H, S, D) keys and values -> (N, H, Q, D)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -332,9 +158,9 @@ class TransformerEncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
         # The original (torch's TransformerEncoderLayer) drops inside the FFN too; BERT does not.
-        self.dropout = Dropout(dropout if inner_dropout else 0.0)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout if inner_dropout else 0.0)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
         self.activation = ACTIVATIONS[activation]
 
     def _ff(self, x):
@@ -465,20 +291,22 @@ class MLMTask(nn.Module):
         return torch.equal(state["mlm_head.weight"], state["bert_model.bert_embed.embed.weight"])
 
     def forward(self, src, token_type_input=None, masked_positions=None, key_padding_mask=None,
-                masked_index=None, targets=None, fused_loss=True):
+                masked_index=None, targets=None):
         """masked_index (N, P) long instead of masked_positions -> (N, P, ntoken) logits at
         those positions, with shapes that depend on no value (data.mask_per_sequence).
         Given targets, the ids at those positions ((M,) or (N, P); -100: ignored), ->
-        the summed cross entropy instead (fp32 scalar; linear_cross_entropy, fused on the
-        CPU unless fused_loss is False)."""
+        the summed cross entropy instead (an fp32 scalar)."""
         # Only at masked positions: the vocabulary projection is the costly part
         out = self.bert_model(src, token_type_input, key_padding_mask, positions=masked_positions,
                               index=masked_index)
         out = self.norm_layer(self.activation(self.mlm_span(out)))
         if targets is None:
             return self.mlm_head(out)
-        return linear_cross_entropy(out.flatten(0, -2), self.mlm_head.weight, self.mlm_head.bias,
-                                    targets.flatten(), fused=fused_loss)
+        return self.loss(out.flatten(0, -2), targets.flatten())
+
+    def loss(self, x, targets):
+        """Summed cross entropy of the vocabulary scores of x (M, E) against targets (M,)."""
+        return F.cross_entropy(self.mlm_head(x).float(), targets, reduction="sum")
 
 
 class NextSentenceTask(nn.Module):
@@ -507,30 +335,21 @@ class QuestionAnswerTask(nn.Module):
     input embeddings, of match (N, S) 1 where a context word also occurs in the
     question. shape_feature adds a learned embedding of each token's shape in the raw
     text (SHAPE_NAMES), which lower-casing hides: match then holds match + 2 * shape.
-    match_neighbours (with match_feature) adds a learned embedding of whether the tokens
-    just before and just after each token match: where an answer's words are the ones
-    the question lacks, its first and last tokens are marked, which a small encoder
-    otherwise has to learn to find by attending to its neighbours.
     Without them (the original) forward's match argument is ignored.
     """
     HEADS = ("original", "bert")
     SHAPE_NAMES = ("none", "lower", "Capitalised", "UPPER", "number", "other")
 
-    def __init__(self, bert_model, match_feature=False, head="original", shape_feature=False,
-                 match_neighbours=False):
+    def __init__(self, bert_model, match_feature=False, head="original", shape_feature=False):
         super().__init__()
         if head not in self.HEADS:
             raise ValueError(f"head must be one of {self.HEADS}, not {head!r}")
-        if match_neighbours and not match_feature:
-            raise ValueError("match_neighbours marks the neighbours of matched tokens: it needs "
-                             "match_feature")
         self.bert_model, self.head = bert_model, head
         self.activation = F.gelu if head == "original" else nn.Identity()
         self.qa_span = nn.Linear(bert_model.ninp, 2)
         self.qa_span.apply(init_weights)
         self.match_embed = self._feature(2) if match_feature else None
         self.shape_embed = self._feature(len(self.SHAPE_NAMES)) if shape_feature else None
-        self.neighbour_embed = self._feature(4) if match_neighbours else None
 
     def _feature(self, n):
         """An input-feature embedding of n values, as large as the word embeddings it is
@@ -547,9 +366,6 @@ class QuestionAnswerTask(nn.Module):
         if self.match_embed is not None:
             bit = match % 2 if self.shape_embed is not None else match
             extra = self.match_embed(bit)
-            if self.neighbour_embed is not None:  # 1: the token before matches, 2: the one after
-                extra = extra + self.neighbour_embed(F.pad(bit[:, :-1], (1, 0))
-                                                     + 2 * F.pad(bit[:, 1:], (0, 1)))
         if self.shape_embed is not None:
             shape = self.shape_embed(match // 2)
             extra = shape if extra is None else extra + shape
@@ -560,14 +376,3 @@ class QuestionAnswerTask(nn.Module):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_token(config, seq_len, masked_frac=1.0, last_frac=1.0):
-    """Approximate training FLOPs per token (forward + backward = 3x forward matmuls)."""
-    e, f, n, v = config["ninp"], config["nhid"], config["nlayers"], config["ntoken"]
-    per_layer = 2 * (4 * e * e + 2 * e * f) + 2 * 2 * seq_len * e  # projections + attention
-    head = 2 * (e * e + e * v) * masked_frac
-    # MLMTask's last layer projects queries, keys and values everywhere and the rest
-    # only at the masked positions: last_frac is the share of positions it computes.
-    last = 2 * 3 * e * e + last_frac * (per_layer - 2 * 3 * e * e)
-    return 3 * ((n - 1) * per_layer + last + head)

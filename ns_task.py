@@ -40,7 +40,6 @@ def build_parser():
     add("--save-full", type=str, default="ns_model.pt",
         help="where to keep the best full model (encoder and classifier)")
     add("--loss-log", type=str, default="ns_loss.txt", help="the loss log written at the end")
-    utils.add_freeze_flag(p, "(as loaded from --bert-model)")
     return p
 
 
@@ -111,8 +110,8 @@ def main(args):
 
     def evaluate(split):
         batches = data.Batches(fixed[split], batch_size=args.batch_size, **ctx.shard(False))
-        sums = train.evaluate(model, batches, lambda m, b: ns_step(m, b, False, vocab.roles.pad), args,
-                              ctx)
+        sums = train.evaluate(model, batches, lambda m, b: ns_step(m, b, False, vocab.roles.pad),
+                              args.amp, args.dry_run, ctx)
         return dict(loss=sums["loss"] / sums["count"],
                     accuracy=100.0 * sums["correct"] / sums["count"])
 

@@ -18,7 +18,7 @@ from monitor import read_results
 from utils import UserError
 
 KINDS = (("mlm", "masked LM"), ("ns", "next sentence"),
-         ("cloze", "span selection (WikiText-2 questions)"), ("qa", "SQuAD question answering"))
+         ("span", "span selection (WikiText-2 questions)"), ("qa", "SQuAD question answering"))
 
 
 def curves(records):

@@ -266,36 +266,11 @@ def _span_scores(start_logits, end_logits, ctx_start, window_len, max_answer_len
     return scores.masked_fill(~allowed, float("-inf"))
 
 
-LOSSES = ("start-end", "span")
-# --decode choose: the decodings tried on the held-out articles, (decode, temperature)
-DECODINGS = (("best", 1.0), ("expected-f1", 1.0), ("expected-f1", 0.8), ("expected-f1", 0.67),
-             ("expected-f1", 0.5))
-
-
-def decoding_name(decode, temperature):
-    return decode if decode == "best" else f"{decode} T {temperature:g}"
-
-
-def window_loss(start_logits, end_logits, w, kind="start-end", max_answer_len=30,
-                reduction="mean"):
-    """The loss of Windows w whose answer is inside them (w.start >= 0).
-
-    'start-end': the mean of the start and end cross-entropies (the original's, and
-    BERT's): each position on its own, so nothing ties the end to the start. 'span': the
-    cross-entropy of the answer's span among all the spans the decoding may choose
-    (start + end scores, softmax over the allowed spans, as best_spans scores them), so
-    that the model learns how long answers are; an answer longer than max_answer_len is
-    counted among them."""
-    if kind == "start-end":
-        return (F.cross_entropy(start_logits, w.start, reduction=reduction)
-                + F.cross_entropy(end_logits, w.end, reduction=reduction)) / 2
-    F_, S = start_logits.shape
-    rows = torch.arange(F_, device=start_logits.device)
-    scores = _span_scores(start_logits, end_logits, w.ctx_start, w.window_len, max_answer_len)
-    gold = start_logits[rows, w.start] + end_logits[rows, w.end]
-    scores = scores.index_put((rows, w.start, w.end), gold)  # allowed even when too long
-    loss = torch.logsumexp(scores.view(F_, -1), dim=1) - gold
-    return loss.sum() if reduction == "sum" else loss.mean()
+def window_loss(start_logits, end_logits, w, reduction="mean"):
+    """The loss of Windows w whose answer is inside them (w.start >= 0): the mean of the
+    start and end cross-entropies (the original's, and BERT's)."""
+    return (F.cross_entropy(start_logits, w.start, reduction=reduction)
+            + F.cross_entropy(end_logits, w.end, reduction=reduction)) / 2
 
 
 def best_spans(start_logits, end_logits, ctx_start, window_len, max_answer_len,
@@ -353,19 +328,47 @@ def qa_logits(model, inputs, types, match, pad_id=PAD):
     return start.float().masked_fill(pad, -1e4), end.float().masked_fill(pad, -1e4)
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How an Evaluator reads questions and answers them: windows of bptt tokens (doc_stride
+    apart over a long context; 0: one window), with or without the token-shape feature,
+    batch_size windows at a time; the answer of at most max_answer_len tokens that
+    decode chooses ('best': the most probable span; 'expected-f1': the span of highest
+    expected F1 at temperature); amp and dry_run as the tasks' flags."""
+    bptt: int
+    doc_stride: int = 0
+    shape: bool = False
+    batch_size: int = 32
+    max_answer_len: int = 30
+    decode: str = "best"
+    temperature: float = 1.0
+    amp: str = "none"
+    dry_run: bool = False
+
+    @classmethod
+    def of(cls, args, **changes):
+        """The Reading a qa_task.py run's flags say, with changes."""
+        given = dict(bptt=args.bptt, doc_stride=args.doc_stride, shape=args.shape_feature,
+                     batch_size=args.batch_size, max_answer_len=args.max_answer_len,
+                     decode=args.decode, temperature=args.decode_temperature, amp=args.amp,
+                     dry_run=args.dry_run)
+        return cls(**{**given, **changes})
+
+
 class Evaluator:
     """Scores a SQuAD file: loss where the answer is inside a window, and EM/F1 over all
     questions from the best span across each question's windows. source: a file, or
-    paragraphs as read_squad returns them. With several processes each scores its share
-    of the windows and the spans are gathered, so all take the same decisions."""
+    paragraphs as read_squad returns them; reading: a Reading. With several processes
+    each scores its share of the windows and the spans are gathered, so all take the
+    same decisions."""
 
-    def __init__(self, source, args, tokenizer, vocab, ctx):
+    def __init__(self, source, reading, tokenizer, vocab, ctx):
         paragraphs = source if isinstance(source, list) else read_squad(source)
         self.examples, self.windows = squad_features(
-            paragraphs, tokenizer, vocab, args.bptt, args.doc_stride or None, show=ctx.main,
-            shape=getattr(args, "shape_feature", False))
-        self.args, self.vocab, self.ctx = args, vocab, ctx
-        self.batches = data.Batches(self.windows.to(ctx.device), batch_size=args.batch_size,
+            paragraphs, tokenizer, vocab, reading.bptt, reading.doc_stride or None, show=ctx.main,
+            shape=reading.shape)
+        self.reading, self.vocab, self.ctx = reading, vocab, ctx
+        self.batches = data.Batches(self.windows.to(ctx.device), batch_size=reading.batch_size,
                                     rank=ctx.rank, world=ctx.world)
 
     def __call__(self, model):
@@ -380,7 +383,7 @@ class Evaluator:
 
     def decode(self, model):
         """(spans, sums): spans (F, 6) per window: best span's score, the answer's start and
-        end (the best span's, or with --decode expected-f1 expected_f1_spans'), the two
+        end (the best span's, or with decode 'expected-f1' expected_f1_spans'), the two
         independent argmaxes, and the answer's probability among its window's spans;
         sums of the loss over the windows that hold the answer, and their count."""
         decoded = []
@@ -389,22 +392,20 @@ class Evaluator:
             s_logits, e_logits = qa_logits(model, w.input_ids, w.token_types, w.match,
                                            self.vocab.roles.pad)
             best, s, e, total = best_spans(s_logits, e_logits, w.ctx_start, w.window_len,
-                                           self.args.max_answer_len, with_total=True)
+                                           reading.max_answer_len, with_total=True)
             chosen = best
-            if getattr(self.args, "decode", "best") == "expected-f1":
+            if reading.decode == "expected-f1":
                 _, s, e = expected_f1_spans(s_logits, e_logits, w.ctx_start, w.window_len,
-                                            self.args.max_answer_len,
-                                            temperature=self.args.decode_temperature)
+                                            reading.max_answer_len, temperature=reading.temperature)
                 chosen = s_logits.gather(1, s[:, None])[:, 0] + e_logits.gather(1, e[:, None])[:, 0]
             decoded.append(torch.stack([best, s, e, s_logits.argmax(1), e_logits.argmax(1),
                                         torch.exp(chosen - total)], 1).cpu())
             has = w.start >= 0
-            loss = window_loss(s_logits[has], e_logits[has], w[has],
-                               getattr(self.args, "loss", "start-end"),
-                               self.args.max_answer_len, reduction="sum")
+            loss = window_loss(s_logits[has], e_logits[has], w[has], reduction="sum")
             return dict(loss=loss, count=has.sum())
 
-        sums = train.evaluate(model, self.batches, step, self.args, self.ctx)
+        reading = self.reading
+        sums = train.evaluate(model, self.batches, step, reading.amp, reading.dry_run, self.ctx)
         mine = torch.cat(decoded) if decoded else torch.zeros(0, 6)
         if self.ctx.world == 1:
             return mine, sums
@@ -459,31 +460,25 @@ class Evaluator:
 
 # --------------------------------------------------------------------------- questions to answer
 
-def questions_to_answer(question=None, context=None, context_file=None, predict_file=None):
-    """The questions of --question/--context(-file) or of --predict-file, as SQuAD
-    paragraphs [{context, qas: [{id, question, answers: []}]}]; a UserError naming the
-    flag for a file that cannot be read, is not one of the two formats, or holds an
-    empty question or context."""
+def questions_to_answer(question=None, context=None, predict_file=None):
+    """The questions of --question and --context or of --predict FILE, as SQuAD paragraphs
+    [{context, qas: [{id, question, answers: []}]}]; a UserError naming the flag for a
+    file that cannot be read, is not one of the two formats, or holds an empty question
+    or context."""
     if predict_file is None:
-        if context_file:
-            try:
-                context = Path(context_file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read --context-file {context_file}: {e}")
         if not question.strip():
             raise UserError("--question is empty; ask a question")
         if not context.strip():
-            where = f"--context-file {context_file}" if context_file else "--context"
-            raise UserError(f"{where} is empty; give the text that holds the answer")
+            raise UserError("--context is empty; give the text that holds the answer")
         return [dict(context=context, qas=[dict(id="1", question=question, answers=[])])]
     path = predict_file
     try:
         with open_text(path) as f:  # plain or .gz, as the training and evaluation files
             doc = json.load(f)
     except OSError as e:
-        raise UserError(f"cannot read --predict-file {path}: {e.strerror or e}")
+        raise UserError(f"cannot read --predict {path}: {e.strerror or e}")
     except (json.JSONDecodeError, UnicodeDecodeError, EOFError) as e:
-        raise UserError(f"--predict-file {path} is not valid JSON: {e}")
+        raise UserError(f"--predict {path} is not valid JSON: {e}")
     paragraphs = []
     try:
         if isinstance(doc, dict):  # SQuAD format; the answers, if any, are not used
@@ -502,11 +497,11 @@ def questions_to_answer(question=None, context=None, context_file=None, predict_
                 raise TypeError("a question or context is not a string")
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(
-            f"--predict-file {path} is neither SQuAD format nor a list of {{\"question\": ..., "
+            f"--predict {path} is neither SQuAD format nor a list of {{\"question\": ..., "
             f"\"context\": ...}} objects ({type(e).__name__}: {e})")
     for para in paragraphs:
         for q in para["qas"]:
             if not q["question"].strip() or not para["context"].strip():
-                raise UserError(f"--predict-file {path}: question {q['id']} has an empty "
+                raise UserError(f"--predict {path}: question {q['id']} has an empty "
                                 f"{'question' if not q['question'].strip() else 'context'}")
     return paragraphs

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import checkpoint
 import dist
+import cpu_kernels
 import monitor
 from utils import UserError, autocast, describe_error, results_path, safe_exp
 
@@ -53,9 +54,8 @@ class Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
                   dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-        fused = getattr(args, "adamw_kernel", "fused") == "fused" and fused_adamw(params)
         self.opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
-                                     fused=fused or None)
+                                     fused=fused_adamw(params) or None)
         total = max(1, args.epochs * -(-steps_per_epoch // args.grad_accum))
         warm = min(args.warmup, total - 1)
 
@@ -98,34 +98,38 @@ class Optimizer:
 # --------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, batches, fn, args, ctx, reduce=True):
+def evaluate(model, batches, fn, amp, dry_run, ctx, reduce=True):
     """Sums over batches of fn(model, batch) -> {name: number or 0-d tensor}, as floats,
-    added up over the ranks when reduce (each rank then evaluated its own share)."""
+    added up over the ranks when reduce (each rank then evaluated its own share); under
+    autocast amp; one batch with dry_run."""
     model = getattr(model, "module", model)  # no DDP needed without gradients
     model.eval()
     device = next(model.parameters()).device
     totals = {}
-    shown = batches if args.dry_run else monitor.progress(batches, "evaluating", unit="batches",
+    shown = batches if dry_run else monitor.progress(batches, "evaluating", unit="batches",
                                                           enabled=ctx.main)
     for batch in shown:
-        with autocast(device, args.amp):
+        with autocast(device, amp):
             out = fn(model, batch)
         for name, value in out.items():
             totals[name] = totals.get(name, 0) + value
-        if args.dry_run:
+        if dry_run:
             break
     names = sorted(totals)
     values = [float(totals[n]) for n in names]
     return dict(zip(names, ctx.all_sum(values) if reduce else values))
 
 
-def prepare_model(raw, args, ctx, frozen="as loaded"):
-    """raw on the device, its word embeddings fixed with --freeze-embeddings; returns
-    the model to train (compiled and in DDP as asked, sharing raw's parameters)."""
+def prepare_model(raw, args, ctx, freeze=False):
+    """raw on the device, with the CPU kernels (--cpu-kernels), its word embeddings fixed
+    where freeze; returns the model to train (compiled and in DDP as asked, sharing raw's
+    parameters)."""
     raw.to(ctx.device)
-    if args.freeze_embeddings:
+    if args.cpu_kernels == "on":
+        cpu_kernels.install(raw)
+    if freeze:
         raw.bert_model.freeze_word_embeddings()
-        ctx.print0(f"| --freeze-embeddings: the word embeddings stay {frozen}")
+        ctx.print0("| --freeze-embeddings: the word embeddings stay as loaded")
     return dist.wrap(raw, args, ctx)
 
 
@@ -161,8 +165,8 @@ class Task:
     """What the Trainer needs to know of a task."""
     kind: str  # checkpoint kind of the whole model ("mlm_task", "ns_task", "qa_task")
     loss: Callable  # (model, batch) -> mean loss tensor
-    batches: Callable  # (epoch, start) -> its batches from batch `start` on, the same for the
-    # same epoch in every run and for any number of processes
+    batches: Callable  # (epoch, start) -> its batches (data.Batches: len() all of them), served
+    # from batch `start` on, the same for the same epoch in every run and any number of processes
     steps: int  # batches per epoch
     validate: Optional[Callable]  # model -> {"loss": ..., score: ...}, numbers only; None: no
     # scoring between epochs (keep="last" with nothing to show)
@@ -356,7 +360,7 @@ class Trainer:
         model.train()
         opt.zero_grad()
         batches = self.task.batches(epoch, self.step)  # a resumed run starts where it stopped
-        nbatches, every = self.task.steps, 1 if args.dry_run else args.log_interval
+        nbatches, every = len(batches), 1 if args.dry_run else args.log_interval
         total, counted = torch.zeros((), device=self.device), 0
         interval, first_bad = torch.zeros_like(total), torch.full((), -1, device=self.device)
         start = time.time()

@@ -64,11 +64,10 @@ def base_parser(description, **defaults):
              "linear warm-up over --warmup steps, then linear decay to 0")
     add("--warmup", type=int, default=0, metavar="STEPS", help="warm-up steps for --optimizer adamw")
     add("--weight-decay", type=float, default=0.01, help="weight decay for --optimizer adamw")
-    add("--adamw-kernel", type=str, default="fused", choices=["fused", "default"],
-        help="AdamW's implementation: 'fused', one kernel for all parameters (on a GPU, and on "
-             "the CPU from torch 2.4; older torch takes its default there), or 'default', "
-             "torch's own choice (a loop over the parameters on the CPU): the same update, "
-             "rounded differently")
+    add("--cpu-kernels", type=str, default="on", choices=["on", "off"],
+        help="on the CPU, faster kernels for dropout, attention while training and the masked-LM "
+             "loss (cpu_kernels.py): the same computation to float rounding (dropout draws its "
+             "masks otherwise); 'off': model.py's plain PyTorch path. Elsewhere, the plain path")
     add("--grad-accum", type=int, default=1, metavar="K",
         help="accumulate the gradients of K batches per optimizer step")
     add("--compile", nargs="?", const="default", default=None, metavar="MODE",
@@ -200,11 +199,6 @@ def check_writable(*paths):
             raise UserError(f"cannot write {path}: folder {parent} is not writable")
         if Path(path).is_dir():
             raise UserError(f"cannot write {path}: it is a folder")
-
-
-def add_freeze_flag(parser, why):
-    parser.add_argument("--freeze-embeddings", action="store_true",
-                        help="keep the encoder's word embeddings fixed " + why)
 
 
 def results_path(args):

@@ -84,6 +84,12 @@ def id_store(folder, lines, vocab_size=1000):
     return built.lines(0, built.num_lines)
 
 
+class Payload:
+    """What a pickled file that would run code holds (never to be loaded)."""
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
 @pytest.fixture
 def wikitext(tmp_path):
     return write_wikitext(tmp_path / "wikitext")

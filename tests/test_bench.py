@@ -68,7 +68,20 @@ def test_bench_runs_the_sync_free_step_with_adamw(tmp_path):
                      "--mask-mode", "bert", "--amp", "bf16", cwd=tmp_path).stdout
     assert re.search(r"^\| bf16 speed-up of this project's steps over its fp32 ones: masked LM "
                      r"[\d.]+x, QA [\d.]+x$", out, re.M)
-    assert "adamw (fused) | masks per-sequence" in out and "| this project, masked LM" in out
+    assert "adamw | masks per-sequence" in out and "| this project, masked LM" in out
+
+
+def test_bench_times_each_cpu_kernel_against_the_plain_path(tmp_path):
+    out = run_script("bench.py", "--emsize", "32", "--nhid", "64", "--nlayers", "1", "--nhead", "2",
+                     "--vocab", "200", "--batch", "2", "--seq", "16", "--steps", "1", "--device",
+                     "cpu", "--dropout", "0.1", "--kernels", cwd=tmp_path).stdout
+    for who in ("this project", "this project, plain", "this project, dropout kernel alone",
+                "this project, attention kernel alone", "this project, loss kernel alone"):
+        assert f"| {who}, masked LM " in out and f"| {who}, QA " in out
+    for who in ("every kernel", "this project, dropout kernel alone",
+                "this project, attention kernel alone", "this project, loss kernel alone"):
+        assert re.search(rf"^\| speed-up over the plain path, {who}: masked LM fp32 [\d.]+x, QA fp32 "
+                         rf"[\d.]+x$", out, re.M), who
 
 
 def test_bench_amp_only_times_bf16_alone_against_transformers_bf16(tmp_path):

@@ -167,7 +167,7 @@ def kinds(tmp_path):
         squad.read_squad(p), data.Tokenizer(), vocab, 32, 8, training=True, show=False))
     (tmp_path / "ask.json").write_text(json.dumps(
         [{"id": "a", "question": q, "context": c} for c, qas in SQUAD_PARAGRAPHS for q, _ in qas]))
-    out["--predict-file"] = _json_kind(tmp_path / "ask.json", lambda p: squad.squad_features(
+    out["--predict FILE"] = _json_kind(tmp_path / "ask.json", lambda p: squad.squad_features(
         squad.questions_to_answer(predict_file=p), data.Tokenizer(), vocab, 32, 8,
         training=False, show=False))
     out["results file"] = _results_kind(tmp_path / "results")
@@ -182,8 +182,9 @@ def _trainer(folder, model, vocab, state_file):
                      resume=True, state_file=str(state_file), save_every=0, skip_nonfinite=False,
                      seed=0, lr=0.1, optimizer="adamw", grad_accum=1, warmup=0, weight_decay=0.01).items():
         setattr(args, k, v)
-    task = train.Task("mlm_task", None, lambda e, s: [], 4, None, None, str(folder / "best.pt"),
-                      vocab.fingerprint, generators=(torch.Generator(),))
+    task = train.Task("mlm_task", None, lambda e, s: data.Batches(torch.zeros(8, 3), batch_size=2), 4,
+                      None, None, str(folder / "best.pt"), vocab.fingerprint,
+                      generators=(torch.Generator(),))
     return train.Trainer(args, dist.Context(), model, model, task, monitor.Recorder(None))
 
 

