@@ -18,7 +18,7 @@ import torch
 import reference_runs
 from conftest import ROOT
 
-REFERENCE_COMMIT = "3d36a1f508d885e220aba15bc7fc6e2c64c12d07"
+REFERENCE_COMMIT = "cecf3ba2c17f1f72d8134c85916834d1291b5917"
 
 
 def _stored():
