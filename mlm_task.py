@@ -21,7 +21,7 @@ import samples
 import train
 import utils
 import wordpiece
-from model import LAYOUTS, MAX_POSITIONS, BertModel, MLMTask, count_parameters
+from model import LAYOUTS, MAX_POSITIONS, BertModel, MLMTask
 
 
 def build_parser():
@@ -203,7 +203,7 @@ def main(args):
                                args.dropout, **LAYOUTS[args.layout]),
                      args.tie_weights)
     model = train.prepare_model(raw, args, ctx)
-    ctx.print0(f"| model: {count_parameters(raw):,} parameters")
+    ctx.print0(f"| model: {sum(p.numel() for p in raw.parameters()):,} parameters")
 
     masks = torch.Generator(device=ctx.device).manual_seed(args.seed % 2**63)
 

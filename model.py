@@ -1,19 +1,10 @@
-"""The BERT encoder and its three task heads.
-
-Used by the task scripts; nothing here knows about files or data sets:
-
-    python mlm_task.py                              # MLMTask
-    python ns_task.py --bert-model mlm_bert.pt      # NextSentenceTask
-    python qa_task.py --bert-model ns_bert.pt       # QuestionAnswerTask
-
-Tensors are batch-first throughout:
-
-    src, token_type_input : (N, S)  token ids / segment ids (0 for A, 1 for B)
-    key_padding_mask      : (N, S)  True where the position is padding
-    encoder output        : (N, S, E)
-
-The layer layout follows the original example: learned positions and two
-token types, post-LayerNorm encoder layers with GELU.
+"""BERT: the encoder (BertModel) and its three task heads, MLMTask (mlm_task.py),
+NextSentenceTask (ns_task.py) and QuestionAnswerTask (qa_task.py, span_task.py), in
+plain PyTorch (cpu_kernels.py gives them faster CPU kernels). Nothing here knows about
+files. Tensors are batch-first: ids and token types (N, S), key_padding_mask (N, S)
+True at padding, encoder output (N, S, E). The layout follows the original example:
+learned positions, two token types, post-LayerNorm layers with GELU (LAYOUTS: BERT's
+and pre-LayerNorm ones too).
 """
 import functools
 
@@ -195,7 +186,6 @@ class BertModel(nn.Module):
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.model_type = "Transformer"
         self.ninp = ninp
         # Everything needed to rebuild this encoder from a checkpoint.
         self.config = dict(ntoken=ntoken, ninp=ninp, nhead=nhead, nhid=nhid,
@@ -372,7 +362,3 @@ class QuestionAnswerTask(nn.Module):
         out = self.bert_model(src, token_type_input, key_padding_mask, extra)
         start, end = self.qa_span(self.activation(out)).unbind(-1)
         return start, end
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())

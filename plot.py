@@ -3,7 +3,8 @@
     python plot.py mlm_loss.jsonl ns_loss.jsonl qa_loss.jsonl -o curves.png
     python plot.py runs/a/qa_loss.jsonl runs/b/qa_loss.jsonl -o qa.png
 
-Reads the JSON-lines results the task scripts write beside their loss logs (--results).
+Reads the JSON-lines results the task scripts write beside their loss logs (--loss-log's
+path with .jsonl).
 One loss panel per task (masked LM, next sentence, span selection, SQuAD, told apart by
 the file name), one colour per file: the training loss of every log interval, the
 validation loss of each epoch (dashed) and the test loss (a star after the last
@@ -87,7 +88,7 @@ def main(argv=None):
         try:
             runs[path] = curves(read_results(path))
         except FileNotFoundError:
-            sys.exit(f"plot.py: error: {path} not found; pass a results file (--results of a task)")
+            sys.exit(f"plot.py: error: {path} not found; pass a results file (a task's --loss-log path with .jsonl)")
         except UserError as e:  # a format version this code does not read
             sys.exit(f"plot.py: error: {e}")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:

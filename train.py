@@ -143,7 +143,7 @@ def lock_outputs(args, ctx):
 
 
 def recorder(args, ctx):
-    """Where the run's numbers go: --results (JSON lines) and --tensorboard, written by
+    """Where the run's numbers go: JSON lines beside --loss-log, and --tensorboard, written by
     the main process. Made at start-up, so that a missing tensorboard fails at once."""
     try:
         board = monitor.Board(args.tensorboard if ctx.main else None)
@@ -354,7 +354,7 @@ class Trainer:
 
         Losses are summed on the device and read back at log intervals only, so a
         step never waits for the host; a non-finite loss is caught there, named with
-        the step it first appeared in (or skipped at once with --skip-nonfinite).
+        the step it first appeared in.
         """
         args, model, opt, ctx = self.args, self.model, self.optimizer, self.ctx
         model.train()
@@ -372,14 +372,10 @@ class Trainer:
             with model.no_sync() if no_sync else contextlib.nullcontext():
                 with autocast(self.device, args.amp):
                     loss = self.task.loss(model, batch).float()
-                finite = torch.isfinite(loss)
-                if args.skip_nonfinite and not finite:
-                    ctx.print0(f"| epoch {epoch:3d} | batch {i + 1}: loss {loss.item()}, step skipped")
-                else:
-                    self.scaler.scale(loss / args.grad_accum).backward()
-                    first_bad = torch.where(~finite & (first_bad < 0), i + 1, first_bad)
-                    total, interval = total + loss.detach(), interval + loss.detach()
-                    counted += 1
+                self.scaler.scale(loss / args.grad_accum).backward()
+                first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), i + 1, first_bad)
+                total, interval = total + loss.detach(), interval + loss.detach()
+                counted += 1
             if last:
                 if args.clip > 0:
                     self.scaler.unscale_(opt.opt)
@@ -428,8 +424,7 @@ class Trainer:
         bad = int(first_bad.item())
         if bad >= 0:
             raise UserError(f"the training loss became NaN or infinite at epoch {epoch}, batch "
-                            f"{bad}; lower --lr, --clip or use --amp none, or pass "
-                            "--skip-nonfinite to skip such steps")
+                            f"{bad}; lower --lr or --clip, or use --amp none")
 
     def finish(self, scores, split="test"):
         """The closing lines from the final scores, the test record, the loss log; the

@@ -91,8 +91,6 @@ def base_parser(description, **defaults):
              "and on SIGTERM/SIGUSR1 ('' disables); removed when the run ends well")
     add("--save-every", type=int, default=0, metavar="N",
         help="also save the state every N batches (0: at epoch ends only)")
-    add("--skip-nonfinite", action="store_true",
-        help="skip a step whose loss is NaN or infinite instead of stopping the run")
     add("--tensorboard", type=str, default=None, metavar="DIR",
         help="write loss, learning rate, throughput and the validation and test scores to "
              "TensorBoard event files in DIR (needs `pip install tensorboard`)")
@@ -102,9 +100,6 @@ def base_parser(description, **defaults):
     add("--profile-steps", type=profile_steps, default="20:5", metavar="SKIP:COUNT",
         help="with --profile, record COUNT steps of the first epoch this run trains, after "
              "its first SKIP steps (which hold the compilation and warm-up)")
-    add("--results", type=str, default=None, metavar="FILE",
-        help="JSON-lines file of the run's numbers: a record per log interval, per validation "
-             "and for the final test (default: the --loss-log path with .jsonl)")
     return p
 
 
@@ -202,8 +197,8 @@ def check_writable(*paths):
 
 
 def results_path(args):
-    """--results, or the --loss-log path with .jsonl."""
-    return args.results or str(Path(args.loss_log).with_suffix(".jsonl"))
+    """The JSON-lines file of a run's numbers: the --loss-log path with .jsonl."""
+    return str(Path(args.loss_log).with_suffix(".jsonl"))
 
 
 # --------------------------------------------------------------------------- run-time

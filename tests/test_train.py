@@ -160,7 +160,7 @@ def _trainer(tmp_path, loss_values, **flags):
     model = MLMTask(20, 8, 2, 16, 1, 0.0)
     args = argparse.Namespace(**{**dict(amp="none", clip=0.5, dry_run=False, log_interval=2, epochs=1,
                                         checkpoint="None", resume=False, state_file="",
-                                        save_every=0, skip_nonfinite=False, seed=0, lr=0.1,
+                                        save_every=0, seed=0, lr=0.1,
                                         optimizer="sgd", grad_accum=1), **flags})
     values = iter(loss_values)
 
@@ -191,12 +191,6 @@ def test_resume_prefers_the_state_file_to_checkpoint(tmp_path, capsys):
 def test_nonfinite_loss_stops_naming_the_batch(tmp_path):
     with pytest.raises(utils.UserError, match="NaN or infinite at epoch 1, batch 3"):
         _trainer(tmp_path, [1.0, 2.0, float("nan"), 1.0]).fit()
-
-
-def test_nonfinite_loss_can_be_skipped(tmp_path, capsys):
-    train_log, _ = _trainer(tmp_path, [1.0, float("inf"), 3.0, 5.0], skip_nonfinite=True).fit()
-    assert train_log == [3.0]  # the mean of the three finite steps
-    assert "batch 2: loss inf, step skipped" in capsys.readouterr().out
 
 
 def test_a_second_run_on_the_same_files_is_refused_and_a_dead_ones_lock_never_blocks(tmp_path):
