@@ -240,18 +240,24 @@ def add_cls(block, cls=CLS):
     return torch.cat([torch.full_like(block[:, :1], cls), block], dim=1)
 
 
-def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None, roles=BASIC_ROLES):
+def mask_tokens(tokens, mask_frac, vocab_size, mode="mask", generator=None, roles=BASIC_ROLES,
+                continues=None):
     """Choose masked positions per token and corrupt them (the original's masking).
 
     tokens (N, S) -> inputs (N, S), masked (N, S) bool, targets (M,) = tokens[masked].
     Each non-special token (<unk> included) is masked with probability mask_frac, never
     <cls>, <sep>, <pad>. mode 'mask' writes <MASK> at every masked position (the
-    original); mode 'bert' writes <MASK> at 80%, a random word at 10%, keeps 10%.
+    original); mode 'bert' writes <MASK> at 80%, a random word at 10%, keeps 10%;
+    mode 'whole-word' is 'bert' with the pieces of a word masked together: each word is
+    masked with probability mask_frac, its pieces being the token that starts it and the
+    tokens after it that `continues` (a (V,) bool tensor: WordPiece's ## pieces) marks.
     At least one position per batch is masked so the loss is always defined (a check
     that reads the device once per batch, as M does).
     """
     maskable = _maskable(tokens, roles)
     draw = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    if mode == "whole-word":
+        draw = draw.gather(1, word_starts(tokens, continues))
     masked = (draw < mask_frac) & maskable
     if not masked.any():
         flat = maskable.flatten().nonzero().flatten()
@@ -270,10 +276,13 @@ def predictions_per_sequence(length, mask_frac, cap=0):
 
 
 def mask_per_sequence(tokens, mask_frac, vocab_size, mode="mask", generator=None,
-                      roles=BASIC_ROLES, cap=0):
+                      roles=BASIC_ROLES, cap=0, continues=None):
     """BERT's masking: exactly P = predictions_per_sequence(S, mask_frac, cap) positions
     per sequence, drawn uniformly without replacement among its maskable tokens (those
-    mask_tokens may mask), then corrupted as mask_tokens does.
+    mask_tokens may mask), then corrupted as mask_tokens does. Mode 'whole-word' draws
+    words instead, in a random order, while all their pieces fit in the P slots (at
+    least the first word's first piece: a sequence with a maskable token always has a
+    masked one), as BERT's whole-word masking does.
 
     tokens (N, S) -> inputs (N, S), index (N, P) long (ascending), valid (N, P) bool,
     targets (N, P) = tokens at index. A sequence with fewer than P maskable tokens masks
@@ -286,14 +295,48 @@ def mask_per_sequence(tokens, mask_frac, vocab_size, mode="mask", generator=None
     p = min(s, predictions_per_sequence(s, mask_frac, cap))
     maskable = _maskable(tokens, roles)
     draw = torch.rand(tokens.shape, generator=generator, device=tokens.device)
-    # The P smallest draws among the maskable tokens (the others are pushed past them):
-    # a uniform sample without replacement.
-    index = draw.masked_fill(~maskable, 2.0).topk(p, dim=1, largest=False).indices
-    index = index.sort(dim=1).values
-    valid = maskable.gather(1, index)
+    if mode == "whole-word":
+        index, valid = _whole_words(draw, tokens, maskable, p, continues)
+    else:
+        # The P smallest draws among the maskable tokens (the others are pushed past
+        # them): a uniform sample without replacement.
+        index = draw.masked_fill(~maskable, 2.0).topk(p, dim=1, largest=False).indices
+        index = index.sort(dim=1).values
+        valid = maskable.gather(1, index)
     masked = torch.zeros_like(maskable).scatter_(1, index, valid)
     inputs = _corrupt(tokens, masked, mode, vocab_size, generator, roles)
     return inputs, index, valid, tokens.gather(1, index)
+
+
+def word_starts(tokens, continues):
+    """(N, S) long: the position of the token that starts each token's word, the token
+    itself where `continues` (a (V,) bool tensor, or None: every token is a word) does not
+    mark it as a continuation. A row that starts inside a word counts its first piece as
+    the start."""
+    position = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
+    if continues is None:
+        return position
+    return torch.where(continues[tokens], 0, position).cummax(dim=1).values
+
+
+def _whole_words(draw, tokens, maskable, p, continues):
+    """mask_per_sequence's P slots, filled with whole words: each word takes its first
+    piece's draw, the maskable tokens are sorted by it (a stable sort: a word's pieces
+    stay together, in order), and a token is taken when its whole word ends within the
+    first P."""
+    s = tokens.size(1)
+    position = torch.arange(s, device=tokens.device)
+    starts = word_starts(tokens, continues)
+    key = draw.gather(1, starts).masked_fill(~maskable, 2.0)  # the others sort last
+    order = key.sort(dim=1, stable=True)
+    word = starts.gather(1, order.indices)
+    last = torch.ones_like(maskable)
+    last[:, :-1] = word[:, 1:] != word[:, :-1]
+    # the rank in the sorted order where each token's word ends
+    ends = torch.where(last, position, s).flip(1).cummin(dim=1).values.flip(1)
+    taken = ((ends < p) | (position == 0)) & (order.values < 2.0)
+    index, by = order.indices[:, :p].sort(dim=1)
+    return index, taken[:, :p].gather(1, by)
 
 
 def _maskable(tokens, roles):

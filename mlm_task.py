@@ -45,9 +45,11 @@ def build_parser():
         help="use the word embeddings as the masked-LM output projection, as BERT does (the "
              "original keeps a separate one)")
     add("--mask_frac", type=float, default=0.15, help="the fraction of masked tokens")
-    add("--mask-mode", type=str, default="mask", choices=["mask", "bert"],
+    add("--mask-mode", type=str, default="mask", choices=["mask", "bert", "whole-word"],
         help="'mask': every masked token becomes <MASK> (the original); "
-             "'bert': 80%% <MASK>, 10%% a random word, 10%% unchanged")
+             "'bert': 80%% <MASK>, 10%% a random word, 10%% unchanged; 'whole-word': "
+             "'bert' with the pieces of a word masked together (WordPiece's ## pieces; with "
+             "the word vocabulary every token is a word, and it is 'bert')")
     add("--mask-draw", type=str, default="per-token", choices=["per-token", "per-sequence"],
         help="'per-token': each token is masked with probability --mask_frac, at least one "
              "per batch (the original); 'per-sequence': BERT's, exactly round(--mask_frac x "
@@ -127,10 +129,14 @@ def mlm_loss(args, vocab, generator, ctx, train=True):
     loss is normalised by the global number of masked tokens (times world, as DDP
     averages gradients over the ranks).
     """
+    continues = None  # every token is a word
+    if args.mask_mode == "whole-word" and args.tokenizer == "wordpiece":
+        continues = wordpiece.continuations(vocab).to(ctx.device)
+
     def per_token(model, block):
         tokens = data.add_cls(block, vocab.roles.cls)
         inputs, masked, _ = data.mask_tokens(tokens, args.mask_frac, len(vocab), args.mask_mode,
-                                             generator, vocab.roles)
+                                             generator, vocab.roles, continues)
         mine = ctx.rows(block.size(0))
         # summed over the M masked tokens; the model's head computes it
         loss = model(inputs[mine], masked_positions=masked[mine], targets=tokens[mine][masked[mine]])
@@ -139,7 +145,8 @@ def mlm_loss(args, vocab, generator, ctx, train=True):
     def per_sequence(model, block):
         tokens = data.add_cls(block, vocab.roles.cls)
         inputs, index, valid, targets = data.mask_per_sequence(
-            tokens, args.mask_frac, len(vocab), args.mask_mode, generator, vocab.roles)
+            tokens, args.mask_frac, len(vocab), args.mask_mode, generator, vocab.roles,
+            continues=continues)
         mine = ctx.rows(block.size(0))
         loss = model(inputs[mine], masked_index=index[mine],
                      targets=targets[mine].masked_fill(~valid[mine], -100))  # (B, P) targets

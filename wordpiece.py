@@ -11,6 +11,8 @@ tokens are found by name, never by a fixed id.
 """
 from pathlib import Path
 
+import torch
+
 import data
 import hf
 from data import DataError, Roles
@@ -53,6 +55,11 @@ def load_vocab(path, lower_case=True):
         return data.Vocab(itos, roles=roles, tag=f"wordpiece-{'uncased' if lower_case else 'cased'}")
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
+
+
+def continuations(vocab):
+    """(V,) bool: the tokens that continue a word (## pieces), for whole-word masking."""
+    return torch.tensor([t.startswith("##") for t in vocab.itos], dtype=torch.bool)
 
 
 class WordPiece:

@@ -166,3 +166,91 @@ def test_at_least_one_position_is_masked():
     tokens = data.add_cls(torch.full((1, 3), 7))
     _, masked, targets = data.mask_tokens(tokens, 1e-9, 10, "mask")
     assert masked.sum() == 1 and targets.tolist() == [7]
+
+
+def _pieces(seed=0, n=64, s=64, vocab=40):
+    """Rows of WordPiece-like ids: ids 30 and up continue a word (## pieces)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = data.add_cls(torch.randint(len(data.SPECIALS), vocab, (n, s - 1), generator=g))
+    tokens[:, -3:] = data.PAD
+    continues = torch.arange(vocab) >= 30
+    continues[:len(data.SPECIALS)] = False
+    return tokens, continues
+
+
+def _words(tokens, continues):
+    """Each row's words as lists of positions, by a plain loop."""
+    rows = []
+    for row in tokens.tolist():
+        words = []
+        for i, t in enumerate(row):
+            if continues[t] and words:
+                words[-1].append(i)
+            else:
+                words.append([i])
+        rows.append(words)
+    return rows
+
+
+def test_word_starts_point_at_the_first_piece():
+    tokens, continues = _pieces()
+    starts = data.word_starts(tokens, continues)
+    for r, words in enumerate(_words(tokens, continues)):
+        for w in words:
+            assert starts[r, w].tolist() == [w[0]] * len(w)
+    assert torch.equal(data.word_starts(tokens, None), torch.arange(64).expand(64, 64))
+
+
+def test_whole_word_masking_masks_every_piece_of_a_word_or_none():
+    g = torch.Generator().manual_seed(4)
+    rates = []
+    for i in range(20):
+        tokens, continues = _pieces(seed=i)
+        maskable = tokens >= len(data.SPECIALS)
+        inputs, masked, targets = data.mask_tokens(tokens, 0.15, 40, "whole-word", g,
+                                                   continues=continues)
+        assert not masked[~maskable].any() and torch.equal(targets, tokens[masked])
+        words = [w for row in _words(tokens, continues) for w in row]
+        for r, row in enumerate(_words(tokens, continues)):
+            for w in row:
+                got = {bool(masked[r, i]) for i in w if maskable[r, i]}
+                assert len(got) <= 1  # all or nothing
+        rates.append(masked.sum().item() / maskable.sum().item())
+        # corrupted as BERT's: mostly <MASK>, some random words, some kept
+        assert 0.7 < (inputs[masked] == data.MASK).float().mean() < 0.9
+    # words are masked at the rate; pieces follow their word, so the token rate is near it
+    assert abs(np.mean(rates) - 0.15) < 0.02 and len(words) < 64 * 61
+    # the word vocabulary: every token is a word, so it is 'bert' with the same draws
+    tokens = _batch()
+    a = data.mask_tokens(tokens, 0.15, 1000, "whole-word", torch.Generator().manual_seed(5))
+    b = data.mask_tokens(tokens, 0.15, 1000, "bert", torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_whole_word_masking_per_sequence_fills_the_slots_with_whole_words():
+    g = torch.Generator().manual_seed(6)
+    for i in range(20):
+        tokens, continues = _pieces(seed=i)
+        maskable = tokens >= len(data.SPECIALS)
+        p = data.predictions_per_sequence(64, 0.15)
+        inputs, index, valid, targets = data.mask_per_sequence(tokens, 0.15, 40, "whole-word", g,
+                                                               continues=continues)
+        assert index.shape == valid.shape == targets.shape == (64, p)
+        assert torch.all(index[:, 1:] > index[:, :-1]) and torch.equal(targets, tokens.gather(1, index))
+        assert maskable.gather(1, index)[valid].all()
+        masked = torch.zeros_like(maskable).scatter_(1, index, valid)
+        assert torch.equal(inputs[~masked], tokens[~masked])
+        for r, row in enumerate(_words(tokens, continues)):
+            sizes = []
+            for w in row:
+                got = {bool(masked[r, i]) for i in w if maskable[r, i]}
+                assert len(got) <= 1  # all or nothing
+                if got == {True}:
+                    sizes.append(sum(bool(maskable[r, i]) for i in w))
+            # whole words while they fit in the P slots, at least one
+            assert sizes and sum(sizes) <= p and valid[r].sum().item() == sum(sizes)
+    # the word vocabulary: exactly P per row, as 'bert' with the same draws
+    tokens = _batch()
+    a = data.mask_per_sequence(tokens, 0.15, 1000, "whole-word", torch.Generator().manual_seed(7))
+    b = data.mask_per_sequence(tokens, 0.15, 1000, "bert", torch.Generator().manual_seed(7))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and a[2].all() and a[1].shape == (64, 19)
