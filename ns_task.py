@@ -36,7 +36,8 @@ def build_parser():
     add("--bert-model", type=str, default="mlm_bert.pt", help="the encoder written by mlm_task.py")
     add("--dropout", type=float, default=None,
         help="dropout of the encoder (default: the value it was pretrained with)")
-    add("--cuda", action="store_true", help="same as --device cuda (the original's flag)")
+    add("--cuda", dest="device", action="store_const", const="cuda",
+        help="same as --device cuda (the original's flag)")
     add("--save-full", type=str, default="ns_model.pt",
         help="where to keep the best full model (encoder and classifier)")
     add("--loss-log", type=str, default="ns_loss.txt", help="the loss log written at the end")
@@ -52,8 +53,6 @@ def check_args(args):
     if args.bptt + 1 > MAX_POSITIONS:
         raise utils.UserError(f"--bptt {args.bptt} plus <cls> exceeds the model's "
                               f"{MAX_POSITIONS} positions")
-    if args.cuda:
-        args.device = "cuda"
     utils.check_writable(args.save, args.save_full, args.loss_log, utils.results_path(args))
 
 

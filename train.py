@@ -200,7 +200,7 @@ class Trainer:
         self.best, self.train_log, self.val_log = None, [], []
         self.signal = None
         self.profile, self.profiled = None, False
-        if getattr(args, "profile", None):  # fail now, not after the first steps
+        if args.profile:  # fail now, not after the first steps
             try:
                 Path(args.profile).mkdir(parents=True, exist_ok=True)
             except OSError as e:

@@ -180,7 +180,8 @@ def _trainer(folder, model, vocab, state_file):
     args = utils.Parser().parse_args([])
     for k, v in dict(amp="none", clip=0.5, dry_run=False, log_interval=2, epochs=1, checkpoint="None",
                      resume=True, state_file=str(state_file), save_every=0,
-                     seed=0, lr=0.1, optimizer="adamw", grad_accum=1, warmup=0, weight_decay=0.01).items():
+                     seed=0, lr=0.1, optimizer="adamw", grad_accum=1, warmup=0, weight_decay=0.01,
+                     profile=None).items():
         setattr(args, k, v)
     task = train.Task("mlm_task", None, lambda e, s: data.Batches(torch.zeros(8, 3), batch_size=2), 4,
                       None, None, str(folder / "best.pt"), vocab.fingerprint,

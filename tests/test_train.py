@@ -160,7 +160,7 @@ def _trainer(tmp_path, loss_values, **flags):
     model = MLMTask(20, 8, 2, 16, 1, 0.0)
     args = argparse.Namespace(**{**dict(amp="none", clip=0.5, dry_run=False, log_interval=2, epochs=1,
                                         checkpoint="None", resume=False, state_file="",
-                                        save_every=0, seed=0, lr=0.1,
+                                        save_every=0, seed=0, lr=0.1, profile=None,
                                         optimizer="sgd", grad_accum=1), **flags})
     values = iter(loss_values)
 
