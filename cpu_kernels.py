@@ -4,7 +4,7 @@
 
 Each replaces one plain piece of model.py on the CPU, computes the same (to float
 rounding; dropout draws its masks otherwise), falls back to the plain piece elsewhere (a
-GPU, torch.compile), and is tested against it (tests/test_kernels.py). What each buys,
+GPU, torch.compile), and is tested against it (tests/test_cpu_kernels.py). What each buys,
 measured with `python bench.py --recipe --amp bf16 --kernels`: docs/speed.md.
 
 - Dropout: a mask drawn 16 bits an element, four lanes of one 64-bit draw, where

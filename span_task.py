@@ -46,11 +46,14 @@ def main(args):
         paragraphs = span_selection.questions_of(files[split], tokenizer, args.bptt, seed)
         return paragraphs, sum(len(p["qas"]) for p in paragraphs)
 
+    def windows(paragraphs, show):
+        """The training windows of these questions' paragraphs."""
+        return squad.squad_features(paragraphs, tokenizer, vocab, args.bptt, args.doc_stride or None,
+                                    training=True, show=show, shape=args.shape_feature)[1]
+
     train_paragraphs, n = questions("train", 0)
     valid_paragraphs, n_valid = questions("valid", 0)
-    _, first = squad.squad_features(train_paragraphs, tokenizer, vocab, args.bptt,
-                                    args.doc_stride or None, training=True, show=ctx.main,
-                                    shape=args.shape_feature)
+    first = windows(train_paragraphs, ctx.main)
     made[1] = first.to(ctx.device)
     dev = squad.Evaluator(valid_paragraphs, reading, tokenizer, vocab, ctx)
     ctx.print0(f"| {n} questions made from {files['train'].name} ({len(first)} windows with "
@@ -60,9 +63,7 @@ def main(args):
         """Epoch k's windows: questions made with seed k - 1, as many as the first epoch's."""
         if epoch not in made:
             paragraphs, n = questions("train", epoch - 1)
-            _, more = squad.squad_features(paragraphs, tokenizer, vocab, args.bptt,
-                                           args.doc_stride or None, training=True, show=False,
-                                           shape=args.shape_feature)
+            more = windows(paragraphs, False)
             if len(more) > len(first):  # the first epoch's number of steps: a random subset
                 g = torch.Generator().manual_seed(epoch)
                 more = more[torch.randperm(len(more), generator=g)[:len(first)].sort().values]
